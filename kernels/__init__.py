@@ -1,0 +1,1 @@
+"""quantserve.kernels: packed weight formats, torch reference dequantizers and Triton kernels."""

@@ -1,0 +1,7 @@
+"""`python -m quantserve` runs the `quantserve` command."""
+
+import sys
+
+from quantserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""quantserve.runtime: quantization configs, backends, loading, layer routing and autotuning."""
+
+from .config import (
+    BitsAndBytesConfig,
+    GGUFQuantizationConfig,
+    NVIDIAModelOptConfig,
+    QuantizationConfigMixin,
+    QuantizationMethod,
+    QuantoConfig,
+    TorchAoConfig,
+    quantization_config_from_dict,
+)
+from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
+from .requirements import Requirement
+from .schemes import SCHEMES, Scheme, get_scheme, resolve_quantization_config
+
+__all__ = [
+    "BackendUnavailableError",
+    "BitsAndBytesConfig",
+    "ConfigTypeError",
+    "ConfigValueError",
+    "GGUFQuantizationConfig",
+    "NVIDIAModelOptConfig",
+    "QuantizationConfigMixin",
+    "QuantizationMethod",
+    "QuantoConfig",
+    "Requirement",
+    "SCHEMES",
+    "Scheme",
+    "TorchAoConfig",
+    "get_scheme",
+    "quantization_config_from_dict",
+    "resolve_quantization_config",
+]
