@@ -58,9 +58,8 @@ def _q():
     return q
 
 
-GROUP_SIZES_INT4 = (32, 64, 128, 256)
 _INT4_KWARGS = {
-    "group_size": KwargSpec(int, GROUP_SIZES_INT4),
+    "group_size": KwargSpec(int, (32, 64, 128, 256)),
     # torchao >= 0.15 packs tinygemm tiles with inner_k_tiles=8 only; given, it selects that packed layout.
     "inner_k_tiles": KwargSpec(int, (8,)),
     "use_hqq": KwargSpec(bool),
@@ -90,7 +89,9 @@ def _int4dq(kw: Mapping[str, Any]):
 
 
 def _int8wo(kw: Mapping[str, Any]):
-    return _q().Int8WeightOnlyConfig(group_size=kw.get("group_size"))
+    q = _q()
+    group = kw.get("group_size")
+    return q.Int8WeightOnlyConfig(granularity=q.PerRow() if group is None else q.PerGroup(group))
 
 
 def _int8dq(kw: Mapping[str, Any]):
@@ -132,8 +133,9 @@ def _uintxwo(bits: int) -> Callable[[Mapping[str, Any]], Any]:
     return build
 
 
-_GROUP = {"group_size": KwargSpec(int, minimum=1)}
-_GROUP_OR_NONE = {"group_size": KwargSpec(int, allow_none=True, minimum=1)}
+GROUP_SIZES = (32, 64, 128, 256)
+_GROUP = {"group_size": KwargSpec(int, GROUP_SIZES)}
+_GROUP_OR_NONE = {"group_size": KwargSpec(int, GROUP_SIZES, allow_none=True)}
 _INT8DQ_KWARGS = {
     "act_mapping_type": KwargSpec(str, ("symmetric", "asymmetric")),
     "weight_only_decode": KwargSpec(bool),

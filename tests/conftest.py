@@ -1,0 +1,6 @@
+"""Shared test set-up: keep the backends' import-time log lines out of test output."""
+
+import logging
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
