@@ -55,12 +55,78 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"quantserve inspect: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.json:
+    if args.json and not args.load:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
-    else:
+    elif not args.json:
         for report in reports:
             _print_inspection(report)
-    return EXIT_OK if all(r.valid for r in reports) else EXIT_INVALID
+    ok = all(r.valid for r in reports)
+    if args.load and ok:
+        from quantserve.runtime.loader import load_model
+
+        try:
+            loaded = load_model(args.path, device=args.device, progress=True)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            print(f"quantserve inspect --load: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        models = loaded if isinstance(loaded, dict) else {"model": loaded}
+        if args.json:
+            print(json.dumps({name: m.quantserve_report.to_dict() for name, m in models.items()}, indent=2))
+        else:
+            for name, model in models.items():
+                print(f"\n{name}: load report")
+                print(model.quantserve_report.table())
+    return EXIT_OK if ok else EXIT_INVALID
+
+
+def _load_config_file(path: str) -> dict:
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"quantserve: --config {path}: {exc}") from None
+    # accept a bare quantization_config block or a whole config.json holding one
+    return data.get("quantization_config", data) if isinstance(data, dict) else data
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantserve.runtime.loader import load_model, save_quantized
+
+    spec = args.scheme if args.scheme else _load_config_file(args.config)
+    try:
+        model = load_model(args.model_dir, spec, device=args.device, progress=True)
+        out = save_quantized(model, args.out)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+        print(f"quantserve quantize: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    report = model.quantserve_report
+    print(report.table())
+    print(f"wrote {out}")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from quantserve.runtime.compare import compare_schemes
+
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        print(f"quantserve compare: --schemes: unknown {unknown}; accepted: {', '.join(SCHEMES)}", file=sys.stderr)
+        return EXIT_USAGE
+    results = compare_schemes(args.model_dir, schemes, seed=args.seed, batch=args.batch, progress=True)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(f"{'scheme':<15} {'rel. error':>10} {'model MiB':>10} {'vs bf16':>8}  worst layers (own relative error)")
+        for r in results:
+            if r.error:
+                print(f"{r.scheme:<15} {'-':>10} {'-':>10} {'-':>8}  FAILED: {r.error}")
+                continue
+            worst = ", ".join(f"{name} {err:.3g}" for name, err in r.worst_layers[:3])
+            ratio = r.model_bytes / r.bf16_bytes if r.bf16_bytes else 1.0
+            print(f"{r.scheme:<15} {r.relative_error:>10.4f} {r.model_bytes / 2**20:>10.3f} {ratio:>7.3f}x  {worst}")
+    return EXIT_OK if not any(r.error for r in results) else EXIT_INVALID
 
 
 def cmd_schemes(args: argparse.Namespace) -> int:
@@ -93,7 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config is invalid, 2 when the path holds no model.")
     p.add_argument("path", help="model directory, config.json, pipeline directory or .gguf file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--load", action="store_true",
+                   help="also load the model through its backend and print the per-layer load report")
+    p.add_argument("--device", default="cpu", help="device to load on with --load (default: cpu)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="quantize a model directory and write a pre-quantized checkpoint",
+                       description="Load MODEL_DIR, quantize every Linear layer with a scheme or a config file, and "
+                                   "write a pre-quantized checkpoint to OUT (safetensors with the packed tensors, or a "
+                                   ".gguf for gguf-* schemes, and config.json with its quantization_config). OUT is "
+                                   "written to a temporary directory and renamed into place: a failure leaves nothing "
+                                   "half-written. Prints the per-layer load report.")
+    p.add_argument("model_dir", help="a diffusers model directory (config.json + safetensors)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME", help="a named scheme: " + ", ".join(SCHEMES))
+    how.add_argument("--config", metavar="FILE.json", help="a quantization_config block (or a config.json holding one)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
+    p.add_argument("--device", default="cpu", help="device to quantize on (default: cpu)")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("compare", help="run bf16 and several schemes on the same inputs; relative errors, worst layers",
+                       description="Load MODEL_DIR in bf16 and with each scheme, feed every variant the same seeded "
+                                   "random inputs, and print each output's relative error against bf16, its size, and "
+                                   "the layers whose own error is largest (each fed the bf16 layer's input).")
+    p.add_argument("model_dir", help="a diffusers model directory")
+    p.add_argument("--schemes", required=True, help="comma-separated scheme names, e.g. nf4,int8wo,gguf-q4_k")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared random inputs (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the inputs (default 1)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("schemes", help="list the named quantization schemes (--scheme values)",
                        description="List the named presets every command accepts as --scheme, with their backend.")
@@ -105,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_backend_import_noise(verbose: bool) -> None:
     """torchao logs its GPU-only extensions that fail to load on a CPU, and torch logs deprecations on import."""
     if not verbose:
-        for name in ("torchao", "torch.utils._pytree"):
+        for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                     "bitsandbytes.backends.cpu.ops"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -110,3 +110,44 @@ def test_schemes_command(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["name"] == "bf16" and rows[0]["quantization_config"] is None
     assert {r["name"]: r["backend"] for r in rows}["gguf-q4_k"] == "gguf"
+
+
+def _tiny_dit_dir(tmp_path: Path) -> Path:
+    from tests.runtime.tiny_models import save_tiny
+
+    return save_tiny("dit", tmp_path / "dit")
+
+
+def test_quantize_writes_a_checkpoint_and_prints_the_report(tmp_path, capsys):
+    model_dir = _tiny_dit_dir(tmp_path)
+    assert main(["quantize", str(model_dir), "--scheme", "nf4", "--out", str(tmp_path / "nf4")]) == 0
+    out = capsys.readouterr().out
+    assert "bitsandbytes" in out and "nf4" in out and "vs bf16" in out and "wrote" in out
+    assert json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert main(["inspect", "--load", str(tmp_path / "nf4")]) == 0
+    assert "load report" in capsys.readouterr().out
+
+
+def test_quantize_with_a_config_file_and_bad_input(tmp_path, capsys):
+    model_dir = _tiny_dit_dir(tmp_path)
+    config = tmp_path / "q.json"
+    config.write_text(json.dumps({"quant_method": "bitsandbytes", "load_in_8bit": True}))
+    assert main(["quantize", str(model_dir), "--config", str(config), "--out", str(tmp_path / "int8"), "--json"]) == 0
+    assert '"backend": "bitsandbytes"' in capsys.readouterr().out
+    config.write_text(json.dumps({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}))
+    assert main(["quantize", str(model_dir), "--config", str(config), "--out", str(tmp_path / "bad")]) == 1
+    assert "bnb_4bit_quant_type" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(model_dir), "--scheme", "nf3", "--out", str(tmp_path / "x")])
+
+
+def test_compare_prints_errors_and_worst_layers(tmp_path, capsys):
+    model_dir = _tiny_dit_dir(tmp_path)
+    assert main(["compare", str(model_dir), "--schemes", "nf4,llm-int8", "--json"]) == 0
+    rows = {r["scheme"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["bf16"]["relative_error"] == 0.0
+    assert 0 < rows["llm-int8"]["relative_error"] < rows["nf4"]["relative_error"] < 0.3
+    assert len(rows["nf4"]["worst_layers"]) == 5 and rows["nf4"]["worst_layers"][0]["relative_error"] > 0
+    assert main(["compare", str(model_dir), "--schemes", "nf4,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err

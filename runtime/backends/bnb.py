@@ -1,0 +1,119 @@
+"""bitsandbytes, driven directly: 4-bit NF4/FP4 (optionally double-quantized absmax) and 8-bit LLM.int8, CPU included.
+
+diffusers' own bitsandbytes loader refuses to run without a GPU; bitsandbytes itself runs both paths on the CPU,
+so quantserve calls `bitsandbytes.functional` and `bitsandbytes.matmul*` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BitsAndBytesConfig, dtype_name
+from .base import Backend, QuantizedWeight
+
+BLOCKSIZE_4BIT = 64
+
+
+def _bnb():
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+class BnB4bitWeight(QuantizedWeight):
+    """NF4/FP4: two 4-bit codes per byte, an absmax per block of 64 (itself 8-bit quantized when double-quantized)."""
+
+    backend = "bitsandbytes"
+
+    def __init__(self, packed: torch.Tensor, state_tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+        out_features, in_features = meta["shape"]
+        super().__init__(out_features, in_features, meta["quant_type"], meta)
+        self.register_buffer("data", packed)
+        for name, tensor in state_tensors.items():
+            self.register_buffer(name, tensor)
+        self._state_names = tuple(state_tensors)
+
+    def quant_state(self):
+        functional = _bnb().functional
+        qs = {name.replace("__", "."): getattr(self, name) for name in self._state_names}
+        qs[f"quant_state.bitsandbytes__{self.meta['quant_type']}"] = torch.frombuffer(
+            bytearray(json.dumps(self.meta["quant_state"]).encode()), dtype=torch.uint8)
+        return functional.QuantState.from_dict(qs, device=self.data.device)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = _bnb().functional.dequantize_4bit(self.data, self.quant_state(), quant_type=self.meta["quant_type"])
+        return w.to(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        state = self.quant_state()
+        bias = None if bias is None else bias.to(state.dtype)
+        y = _bnb().matmul_4bit(x.to(state.dtype), self.data.t(), state, bias=bias)
+        return y.to(x.dtype)
+
+
+class BnBInt8Weight(QuantizedWeight):
+    """LLM.int8: int8 rows with a float32 absmax per row; input columns above the threshold run in 16-bit."""
+
+    backend = "bitsandbytes"
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, meta: dict[str, Any]):
+        super().__init__(cb.shape[0], cb.shape[1], "int8_rows", meta)
+        self.register_buffer("CB", cb)
+        self.register_buffer("SCB", scb)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.CB.float() * (self.SCB.float()[:, None] / 127.0)).to(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        bnb = _bnb()
+        state = bnb.MatmulLtState()
+        state.threshold = float(self.meta["threshold"])
+        state.has_fp16_weights = False
+        state.CB, state.SCB = self.CB, self.SCB
+        state.is_training = False
+        x16 = x.to(torch.float16)
+        y = bnb.matmul(x16, self.CB, state=state, bias=None if bias is None else bias.to(torch.float16))
+        return y.to(x.dtype)
+
+
+class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
+    name = "bitsandbytes"
+    config: BitsAndBytesConfig
+
+    def skip_patterns(self) -> list[str]:
+        return list(self.config.llm_int8_skip_modules or [])
+
+    def can_quantize(self, name: str, module: nn.Module) -> tuple[bool, str]:
+        if not self.config.is_quantizable():
+            return False, "neither load_in_4bit nor load_in_8bit is set"
+        return super().can_quantize(name, module)
+
+    def quantize(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
+        if self.config.load_in_8bit:
+            cb, scb, _ = _bnb().functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            return BnBInt8Weight(cb, scb, {"threshold": self.config.llm_int8_threshold})
+        cfg = self.config
+        packed, state = _bnb().functional.quantize_4bit(
+            weight.to(cfg.bnb_4bit_compute_dtype).contiguous(), blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=cfg.bnb_4bit_use_double_quant, quant_type=cfg.bnb_4bit_quant_type,
+            quant_storage=cfg.bnb_4bit_quant_storage)
+        return self._weight_from_state_dict(packed, state.as_dict(packed=True), tuple(weight.shape))
+
+    def _weight_from_state_dict(self, packed: torch.Tensor, qs: dict[str, Any], shape: tuple[int, int]) -> BnB4bitWeight:
+        tensors = {k.replace(".", "__"): v for k, v in qs.items() if not k.startswith("quant_state.")}
+        blob = next(v for k, v in qs.items() if k.startswith("quant_state."))
+        quant_state = json.loads(bytes(blob.tolist()).decode())
+        meta = {"shape": list(shape), "quant_type": quant_state["quant_type"], "quant_state": quant_state,
+                "storage": dtype_name(packed.dtype)}
+        return BnB4bitWeight(packed, tensors, meta)
+
+    def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    out_features: int, in_features: int) -> QuantizedWeight:
+        if fmt == "int8_rows":
+            return BnBInt8Weight(tensors["CB"], tensors["SCB"], meta)
+        state = {k: v for k, v in tensors.items() if k != "data"}
+        return BnB4bitWeight(tensors["data"], state, meta)

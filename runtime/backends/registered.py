@@ -1,0 +1,3 @@
+"""Importing this module registers every backend with `backend_for` (each module registers itself on import)."""
+
+from . import bnb  # noqa: F401

@@ -1,0 +1,385 @@
+"""load_model and save_quantized: a diffusers model directory (or .gguf, or pipeline) in, a quantized model out.
+
+The model is built on the meta device, each Linear layer is planned (keep dense, or quantize with the backend),
+then weights stream from the checkpoint one tensor at a time: peak memory stays near the quantized model plus one
+dense layer. A pre-quantized checkpoint (its config.json carries a quantization_config) quantizes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends.base import Backend, QuantizedWeight, backend_for
+from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
+from .errors import ConfigTypeError, ConfigValueError
+from .model_files import CONFIG_NAME, SAFE_WEIGHTS, CheckpointError, SafetensorsSource, TensorSource, read_config
+from .quant_linear import QuantLinear
+from .report import LoadReport, measure
+from .schemes import SCHEMES, get_scheme
+
+logger = logging.getLogger(__name__)
+
+LAYERS_METADATA_KEY = "quantserve.layers"
+QWEIGHT = "qweight"
+
+
+# --- choosing the model class and the config ------------------------------------------------------------------
+
+def model_class_for(config: Mapping[str, Any], where: Path) -> type[nn.Module]:
+    """The diffusers model class named by config.json's `_class_name` (never code named by a file)."""
+    import diffusers
+
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise CheckpointError(f"{where}: _class_name {name!r} is not a diffusers model class (e.g. "
+                              "FluxTransformer2DModel, SD3Transformer2DModel, DiTTransformer2DModel)")
+    return cls
+
+
+def resolve_with_options(spec: Any) -> tuple[QuantizationConfigMixin | None, dict[str, Any], str]:
+    """A config, the scheme's backend options (gguf_type), and a label, from None/scheme name/config/dict."""
+    if spec is None:
+        return None, {}, "bf16"
+    if isinstance(spec, str):
+        scheme = get_scheme(spec)
+        options = {"gguf_type": scheme.gguf_type} if scheme.gguf_type else {}
+        return scheme.config(), options, spec
+    if isinstance(spec, QuantizationConfigMixin):
+        return spec, {}, spec.summary()
+    if isinstance(spec, Mapping):
+        config = quantization_config_from_dict(spec)
+        return config, {}, config.summary()
+    raise ConfigTypeError("load_model", "quantization_config", spec,
+                          "None, a scheme name (" + ", ".join(SCHEMES) + "), a config object or a dict")
+
+
+def _choose_config(block: Any, spec: Any, config_path: Path) -> tuple[QuantizationConfigMixin | None, dict[str, Any], str, bool]:
+    """The checkpoint's config when it has one (pre-quantized), else the argument's (quantize on load)."""
+    try:
+        stored = quantization_config_from_dict(block) if block is not None else None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: quantization_config: {exc}") from exc
+    wanted, options, label = resolve_with_options(spec)
+    if stored is not None:
+        if wanted is not None and wanted != stored:
+            logger.warning("%s holds a model already quantized with %s; the requested %s is ignored (the "
+                           "checkpoint's config wins)", config_path, stored.summary(), label)
+        return stored, {}, stored.summary(), True
+    return wanted, options, label, False
+
+
+# --- building and planning ------------------------------------------------------------------------------------
+
+def _skeleton(cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    clean = {k: v for k, v in config.items() if k != "quantization_config"}
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(clean)
+    return model
+
+
+def _matches(name: str, patterns: list[str]) -> str | None:
+    """The first pattern found in the dotted module name (diffusers matches skip lists as substrings)."""
+    return next((p for p in patterns if p and (name == p or p in name)), None)
+
+
+def plan_layers(model: nn.Module, backend: Backend | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """Which Linear layers to quantize, and for every other one why it stays dense."""
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    skip = backend.skip_patterns() if backend else []
+    planned: dict[str, nn.Linear] = {}
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if backend is None:
+            reasons[name] = "no quantization"
+        elif hit := _matches(name, keep_fp32):
+            reasons[name] = f"kept in fp32 (_keep_in_fp32_modules: {hit})"
+        elif hit := _matches(name, skip):
+            reasons[name] = f"skipped ({hit!r} in modules_to_not_convert)"
+        else:
+            ok, why = backend.can_quantize(name, module)
+            if ok:
+                planned[name] = module
+            else:
+                reasons[name] = why
+    return planned, reasons
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+# --- streaming tensors in -------------------------------------------------------------------------------------
+
+class _Loader:
+    """One load: tensors stream from `source` into `model`; errors name the file and the tensor."""
+
+    def __init__(self, model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
+                 config_path: Path):
+        self.model, self.source, self.device, self.dtype = model, source, device, dtype
+        self.config_path = config_path
+        self.used: set[str] = set()
+        self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        if key not in self.source:
+            raise CheckpointError(f"{self.source.path}: has no tensor {key!r}, which the model "
+                                  f"({self.config_path}) needs")
+        tensor = self.source.get(key)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(f"{self.source.file_of(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"but {self.config_path} describes a model that needs {tuple(shape)}")
+        self.used.add(key)
+        return tensor
+
+    def dense_dtype(self, name: str, tensor: torch.Tensor) -> torch.dtype:
+        if not tensor.is_floating_point():
+            return tensor.dtype
+        return torch.float32 if _matches(name, self.keep_fp32) else self.dtype
+
+    def quantized_layer(self, name: str, linear: nn.Linear, backend: Backend, layers_meta: Mapping[str, Any],
+                        pre_quantized: bool) -> tuple[QuantizedWeight | None, str]:
+        shape = (linear.out_features, linear.in_features)
+        q = backend.read_checkpoint_layer(name, self.source)
+        if q is not None:
+            self.used.update(k for k in self.source.keys() if k.startswith(f"{name}.weight"))
+            return q, ""
+        if name in layers_meta:
+            entry = layers_meta[name]
+            if tuple(entry["shape"]) != shape:
+                raise CheckpointError(f"{self.source.path}: layer {name!r} is stored as {tuple(entry['shape'])}, but "
+                                      f"{self.config_path} describes {shape}")
+            tensors = {t: self.tensor(f"{name}.{QWEIGHT}.{t}", None) for t in entry["tensors"]}
+            return backend.from_packed(name, entry["fmt"], entry["meta"], tensors, *shape), ""
+        dense = self.tensor(f"{name}.weight", shape)
+        if pre_quantized:
+            return None, "stored dense in the pre-quantized checkpoint"
+        return backend.quantize(name, dense.to(self.device)), ""
+
+    def dense_rest(self) -> None:
+        for name, tensor in list(self.model.state_dict(keep_vars=True).items()):
+            if not tensor.is_meta and name not in self.source:
+                continue  # a buffer the model computed itself at construction
+            if not tensor.is_meta and name in self.used:
+                continue
+            loaded = self.tensor(name, tuple(tensor.shape))
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name) if module_name else self.model
+            value = loaded.to(self.device, self.dense_dtype(name, loaded))
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+
+    def leftovers(self) -> None:
+        missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
+        if missing:
+            raise CheckpointError(f"{self.source.path}: lacks {len(missing)} tensors the model needs: {missing[:8]}")
+        unused = [k for k in self.source.keys() if k not in self.used]
+        if unused:
+            logger.warning("%s: %d tensors the model does not use were ignored: %s", self.source.path, len(unused), unused[:8])
+
+
+def _open_source(folder: Path, gguf_file: Path | None) -> TensorSource:
+    if gguf_file is None:
+        ggufs = sorted(folder.glob("*.gguf"))
+        has_safetensors = any(folder.glob("*.safetensors"))
+        gguf_file = ggufs[0] if len(ggufs) == 1 and not has_safetensors else None
+    if gguf_file is not None:
+        from .gguf_file import GGUFSource
+
+        return GGUFSource(gguf_file)
+    return SafetensorsSource.for_directory(folder)
+
+
+def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype, gguf_file: Path | None,
+              forward_loop: Callable[[nn.Module], None] | None, progress: bool) -> nn.Module:
+    start = time.perf_counter()
+    config_path = folder / CONFIG_NAME
+    model_config = read_config(folder)
+    cls = model_class_for(model_config, config_path)
+    block = model_config.get("quantization_config")
+    if gguf_file is not None and block is None:
+        block = GGUFQuantizationConfig(compute_dtype=dtype).to_dict()
+    qconfig, options, label, pre_quantized = _choose_config(block, spec, config_path)
+    if gguf_file is not None and not isinstance(qconfig, GGUFQuantizationConfig):
+        raise CheckpointError(f"{gguf_file}: a .gguf file holds GGUF blocks, but {config_path} says "
+                              f"{qconfig.quant_method.value if qconfig else 'not quantized'}")
+    backend = backend_for(qconfig, dtype, **options) if qconfig is not None else None
+    if qconfig is not None:
+        qconfig.check_environment(device)
+
+    model = _skeleton(cls, model_config)
+    planned, reasons = plan_layers(model, backend)
+    with _open_source(folder, gguf_file) as source:
+        layers_meta = json.loads(source.metadata().get(LAYERS_METADATA_KEY, "{}"))
+        loader = _Loader(model, source, device, dtype, config_path)
+        from tqdm.auto import tqdm
+
+        for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",
+                                 unit="layer", disable=not progress or not planned):
+            q, why = loader.quantized_layer(name, linear, backend, layers_meta, pre_quantized)
+            if q is None:
+                reasons[name] = why
+                continue
+            bias = loader.tensor(f"{name}.bias", (linear.out_features,)) if linear.bias is not None else None
+            bias = bias.to(device, dtype) if bias is not None else None
+            _set_submodule(model, name, QuantLinear(q.to(device), bias, compute_dtype=dtype))
+        loader.dense_rest()
+        loader.leftovers()
+    if backend is not None:
+        backend.after_load(model, forward_loop)
+    model.eval()
+    report = LoadReport(cls.__name__, str(gguf_file or folder), qconfig.quant_method.value if qconfig else "none",
+                        label, pre_quantized)
+    measure(model, report, reasons)
+    report.seconds = time.perf_counter() - start
+    model.quantserve_config = qconfig
+    model.quantserve_backend = backend
+    model.quantserve_report = report
+    return model
+
+
+def load_model(path: str | os.PathLike[str], quantization_config: Any = None, device: str | torch.device = "cpu",
+               torch_dtype: torch.dtype = torch.bfloat16, config: str | os.PathLike[str] | None = None, *,
+               forward_loop: Callable[[nn.Module], None] | None = None, progress: bool = False) -> Any:
+    """Load a diffusers model (dir), pipeline (dir with model_index.json) or .gguf file, quantized.
+
+    `quantization_config`: a config object, a scheme name ("nf4", "gguf-q4_k", ...), a config.json block, or for a
+    pipeline a mapping component -> any of those. A checkpoint that is already quantized keeps its own config.
+    The report is at `model.quantserve_report` (see `load_report`).
+    """
+    path = Path(path)
+    device = torch.device(device)
+    if path.suffix == ".gguf":
+        if config is None:
+            raise ConfigValueError("load_model", "config", None, "the model directory or config.json the .gguf belongs to")
+        folder = Path(config)
+        folder = folder.parent if folder.name == CONFIG_NAME else folder
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such .gguf file")
+        return _load_one(folder, quantization_config, device, torch_dtype, path, forward_loop, progress)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model directory")
+    if path.is_file() and path.name == CONFIG_NAME:
+        path = path.parent
+    if (path / "model_index.json").is_file():
+        return load_pipeline_components(path, quantization_config, device, torch_dtype, forward_loop, progress)
+    return _load_one(path, quantization_config, device, torch_dtype, None, forward_loop, progress)
+
+
+def load_pipeline_components(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
+                             forward_loop: Callable[[nn.Module], None] | None = None,
+                             progress: bool = False) -> dict[str, nn.Module]:
+    """Every diffusers model component of a pipeline directory, each with its own quantization config.
+
+    `spec` is one config for every model component, or a mapping component name -> config (as diffusers'
+    PipelineQuantizationConfig quant_mapping); components the mapping does not name load unquantized.
+    """
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and (folder / k / CONFIG_NAME).is_file()]
+    is_mapping = isinstance(spec, Mapping) and "quant_method" not in spec and not any(k.startswith("load_in") for k in spec)
+    if is_mapping:
+        unknown = sorted(set(spec) - set(names))
+        if unknown:
+            raise ConfigValueError("load_model", "quantization_config", unknown, f"component names of {folder}: {names}")
+    components: dict[str, nn.Module] = {}
+    for name in names:
+        library, class_name = index[name]
+        if library != "diffusers":
+            logger.warning("%s/%s: %s.%s is not a diffusers model; quantserve loads diffusers components only",
+                           folder, name, library, class_name)
+            continue
+        sub_config = read_config(folder / name)
+        import diffusers
+
+        cls = getattr(diffusers, sub_config.get("_class_name", ""), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            continue  # schedulers and other configs: not weights
+        component_spec = spec.get(name) if is_mapping else spec
+        components[name] = _load_one(folder / name, component_spec, device, dtype, None, forward_loop, progress)
+    return components
+
+
+def load_report(model: nn.Module) -> LoadReport:
+    """The report `load_model` attached to a model."""
+    report = getattr(model, "quantserve_report", None)
+    if report is None:
+        raise ValueError("load_report: this model was not loaded by quantserve.runtime.load_model")
+    return report
+
+
+# --- saving ---------------------------------------------------------------------------------------------------
+
+def _checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            q = module.qweight
+            layers[name] = {"backend": q.backend, "fmt": q.fmt, "meta": q.meta,
+                            "shape": [q.out_features, q.in_features], "tensors": sorted(q.packed_tensors())}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        tensors[key] = tensor.detach().to("cpu").contiguous().clone()
+    return tensors, layers
+
+
+def _write_config(model: nn.Module, folder: Path, qconfig: QuantizationConfigMixin | None) -> None:
+    model.save_config(folder)
+    path = folder / CONFIG_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if qconfig is not None:
+        data["quantization_config"] = qconfig.to_dict()
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory to `out`, replacing what was there only once the new one is complete."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+    """Write a pre-quantized checkpoint: config.json with its quantization_config, and the packed tensors
+    (safetensors, or a .gguf for GGUF). Written to a temporary directory, then renamed into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    qconfig = getattr(model, "quantserve_config", None)
+    backend = getattr(model, "quantserve_backend", None)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        _write_config(model, tmp, qconfig)
+        if backend is not None and backend.writes_own_checkpoint():
+            backend.save_checkpoint(model, tmp)
+        else:
+            tensors, layers = _checkpoint_tensors(model)
+            save_file(tensors, str(tmp / SAFE_WEIGHTS), metadata={"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
