@@ -129,6 +129,56 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if not any(r.error for r in results) else EXIT_INVALID
 
 
+def _load_for_kernels(args: argparse.Namespace):
+    from quantserve.runtime.loader import load_model
+
+    return load_model(args.model_dir, args.scheme, device=args.device, progress=True)
+
+
+def cmd_autotune(args: argparse.Namespace) -> int:
+    from quantserve.runtime.autotune import TuneCache, autotune, device_key, tokens_for
+    from quantserve.runtime.router import KernelPolicy
+
+    model = _load_for_kernels(args)
+    m_values = sorted({args.batch, tokens_for(model, args.resolution, args.batch)})
+    cache = TuneCache()
+    results = autotune(model, m_values, device=args.device, cache=cache, policy=KernelPolicy.from_env(), progress=True)
+    fresh = [r for r in results if not r.cached]
+    print(f"device: {device_key(args.device)}")
+    print(f"cache : {cache.path} ({len(fresh)} shapes tuned, {len(results) - len(fresh)} found in the cache)")
+    print(f"{'shape':<44} {'winner':<16} timings (ms)")
+    for r in sorted(results, key=lambda r: r.key):
+        timings = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.timings_ms.items(), key=lambda kv: kv[1]))
+        rejected = "; rejected: " + ", ".join(f"{k} ({v})" for k, v in r.rejected.items()) if r.rejected else ""
+        print(f"{r.key:<44} {r.winner:<16} {timings}{rejected}")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from quantserve.runtime.autotune import TuneCache, tokens_for
+    from quantserve.runtime.router import KernelPolicy, quant_layers, route, shape_key
+
+    model = _load_for_kernels(args)
+    m = tokens_for(model, args.resolution, args.batch)
+    entries = TuneCache().entries(args.device)
+    decisions = route(model, args.device, m=m, policy=KernelPolicy.from_env(), cache=entries)
+    layers = dict(quant_layers(model))
+    if args.json:
+        print(json.dumps([d.__dict__ for d in decisions], indent=2))
+        return EXIT_OK
+    if not decisions:
+        print("no quantized layers: every Linear layer runs as a dense torch matmul")
+    print(f"{'layer':<48} {'format':<18} {'N x K':>11}  {'kernel':<12} why; alternatives")
+    for d in decisions:
+        layer = layers[d.layer]
+        timings = entries.get(shape_key(layer, m), {}).get("timings_ms", {})
+        others = ", ".join(f"{k} {timings[k]:.3f} ms" if k in timings else k for k in d.runnable if k != d.kernel)
+        rejected = "; cannot run: " + ", ".join(f"{k} ({v})" for k, v in d.rejected.items()) if d.rejected else ""
+        print(f"{d.layer[-48:]:<48} {layer.qweight.fmt:<18} {layer.out_features:>5}x{layer.in_features:<5}  "
+              f"{d.kernel:<12} {d.reason}; {others or 'none'}{rejected}")
+    return EXIT_OK
+
+
 def cmd_schemes(args: argparse.Namespace) -> int:
     if args.json:
         rows = [{"name": s.name, "backend": s.backend.value if s.backend else None, "bits": s.bits,
@@ -189,6 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size of the inputs (default 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_compare)
+
+    for command, summary, description, func in (
+        ("autotune", "time every kernel for a model's layer shapes on this device and cache the winners",
+         "Load MODEL_DIR (quantized with --scheme, or as its config.json says), find its distinct (format, N, K, M) "
+         "problems for the resolution and batch a deployment will see, time every kernel that can run each one "
+         "(warm-up, median; CUDA events on a GPU), reject any whose output strays from the torch reference, and store "
+         "the winners in the autotune cache ($QUANTSERVE_CACHE_DIR, default the user cache directory). Shapes already "
+         "in the cache are not tuned again.", cmd_autotune),
+        ("explain", "print which kernel each quantized layer gets and why",
+         "Load MODEL_DIR, route every quantized layer (kernel policy from QUANTSERVE_FORCE_KERNEL / "
+         "QUANTSERVE_DISABLE_KERNELS, then the autotune cache, then the fixed preference) and print a table: layer, "
+         "format, shape, chosen kernel, why, and the alternatives with their cached timings.", cmd_explain),
+    ):
+        p = sub.add_parser(command, help=summary, description=description)
+        p.add_argument("model_dir", help="a diffusers model directory")
+        p.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME", help="quantize on load with this scheme")
+        p.add_argument("--resolution", type=int, default=8, help="image side in the model's input space (default 8)")
+        p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+        p.add_argument("--device", default="cpu", help="device to tune on (default cpu; e.g. cuda)")
+        if command == "explain":
+            p.add_argument("--json", action="store_true", help="print the decisions as JSON")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("schemes", help="list the named quantization schemes (--scheme values)",
                        description="List the named presets every command accepts as --scheme, with their backend.")

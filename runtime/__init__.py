@@ -18,6 +18,8 @@ from .config import (
 )
 from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
 from .requirements import Requirement
+from .loader import load_model, load_report, save_quantized
+from .quant_linear import QuantLinear
 from .schemes import SCHEMES, Scheme, get_scheme, resolve_quantization_config
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigTypeError",
     "ConfigValueError",
     "GGUFQuantizationConfig",
+    "QuantLinear",
     "NVIDIAModelOptConfig",
     "QuantizationConfigMixin",
     "QuantizationMethod",
@@ -35,6 +38,9 @@ __all__ = [
     "Scheme",
     "TorchAoConfig",
     "get_scheme",
+    "load_model",
+    "load_report",
+    "save_quantized",
     "quantization_config_from_dict",
     "resolve_quantization_config",
 ]

@@ -1,0 +1,192 @@
+"""The autotuner: time every runnable kernel on this device for a model's distinct layer shapes, keep the fastest.
+
+Results live in a JSON cache keyed by device (name, compute capability) and library versions, under
+$QUANTSERVE_CACHE_DIR (default: the user cache directory). A warm start finds every key there, tunes nothing and
+rewrites nothing. A candidate whose output strays from the torch reference is rejected, never chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quant_linear import QuantLinear, reference_kernel
+from .router import KernelPolicy, quant_layers, route, runnable_candidates, shape_key
+
+CACHE_FILE = "autotune.json"
+
+
+def cache_dir() -> Path:
+    """$QUANTSERVE_CACHE_DIR, else the user cache directory (e.g. ~/.cache/quantserve)."""
+    configured = os.environ.get("QUANTSERVE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("quantserve"))
+
+
+def _version(dist: str) -> str:
+    from .requirements import installed_version
+
+    return installed_version(dist) or "-"
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """What identifies this machine for tuning: device name, compute capability and SM count, library versions."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__, "triton": _version("triton"),
+                            "quantserve": _version("quantserve")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count)
+    else:
+        import platform
+
+        info.update(name=platform.processor() or platform.machine(), capability="-", sm_count=os.cpu_count())
+    return info
+
+
+def device_key(device: torch.device | str) -> str:
+    info = device_info(device)
+    return "|".join(f"{k}={info[k]}" for k in ("type", "name", "capability", "torch", "triton", "quantserve"))
+
+
+class TuneCache:
+    """The JSON cache file: {device_key: {shape_key: {"winner": name, "timings_ms": {...}, "rejected": {...}}}}."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / CACHE_FILE
+        self.data: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.data = {}  # a damaged cache is only a cold start; it is rewritten whole on the next save
+
+    def entries(self, device: torch.device | str) -> dict[str, Any]:
+        return self.data.setdefault(device_key(device), {})
+
+    def save(self) -> None:
+        """Atomic write: a crash mid-write leaves the previous cache file intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class TuneResult:
+    key: str
+    winner: str
+    timings_ms: dict[str, float]
+    rejected: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_kernel(fn, device: torch.device, warmup: int = 2, repeats: int = 7) -> float:
+    """Median milliseconds of `fn()` after warm-up (CUDA events on a GPU, perf_counter on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def tolerance(layer: QuantLinear, dtype: torch.dtype) -> float:
+    """How far a kernel's output may stray from the reference: set by the accumulation and activation precision."""
+    return {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}.get(dtype, 3e-2)
+
+
+def tune_layer(layer: QuantLinear, name: str, m: int, device: torch.device, policy: KernelPolicy | None = None,
+               dtype: torch.dtype | None = None) -> TuneResult:
+    """Time every runnable candidate for one layer shape; reject any that disagrees with the reference."""
+    dtype = dtype or layer.compute_dtype or torch.bfloat16
+    x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    ok, rejected = runnable_candidates(layer, device, name, policy)
+    with torch.no_grad():
+        expected = reference_kernel(x, layer.qweight, layer.bias).float()
+        scale = expected.norm().clamp_min(1e-6)
+        timings: dict[str, float] = {}
+        for candidate in ok:
+            try:
+                got = candidate.kernel(x, layer.qweight, layer.bias).float()
+            except Exception as exc:  # a kernel that fails on this shape is rejected, not fatal
+                rejected[candidate.name] = f"raised {type(exc).__name__}: {exc}"
+                continue
+            error = float((got - expected).norm() / scale)
+            if not error <= tolerance(layer, dtype) and candidate.name != "reference":
+                rejected[candidate.name] = f"output strays from the reference (relative error {error:.2e})"
+                continue
+            timings[candidate.name] = time_kernel(lambda c=candidate: c.kernel(x, layer.qweight, layer.bias), device)
+    winner = min(timings, key=timings.get)
+    return TuneResult(shape_key(layer, m), winner, timings, rejected)
+
+
+def autotune(model: nn.Module, m_values: list[int], device: torch.device | str | None = None,
+             cache: TuneCache | None = None, policy: KernelPolicy | None = None, progress: bool = False) -> list[TuneResult]:
+    """Tune every distinct (format, N, K, M bucket) of `model` for each M, store winners, route the model.
+
+    Keys already in the cache are not tuned again; the cache file is written only when something new was tuned.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cache = cache or TuneCache()
+    entries = cache.entries(device)
+    problems: dict[str, tuple[str, QuantLinear, int]] = {}
+    for name, layer in quant_layers(model):
+        for m in m_values:
+            problems.setdefault(shape_key(layer, m), (name, layer, m))
+    results: list[TuneResult] = []
+    todo = {k: v for k, v in problems.items() if k not in entries}
+    for key, entry in entries.items():
+        if key in problems:
+            results.append(TuneResult(key, entry["winner"], entry.get("timings_ms", {}), entry.get("rejected", {}), True))
+    for key, (name, layer, m) in tqdm(todo.items(), desc="autotune", unit="shape", disable=not progress or not todo):
+        result = tune_layer(layer, name, m, device, policy)
+        entries[key] = {"winner": result.winner, "timings_ms": result.timings_ms, "rejected": result.rejected}
+        results.append(result)
+    if todo:
+        cache.save()
+    route(model, device, m=max(m_values), policy=policy, cache=entries)
+    return results
+
+
+def tokens_for(model: nn.Module, resolution: int, batch: int) -> int:
+    """Rows (M) a transformer's Linear layers see for one image batch at `resolution` pixels of latent/pixel space."""
+    config = getattr(model, "config", None)
+    patch = int(getattr(config, "patch_size", 1) or 1)
+    side = max(1, resolution // patch)
+    return batch * side * side

@@ -1,0 +1,200 @@
+"""The router: per QuantLinear, the kernels that can run it here, and the one it uses (cache, policy, preference).
+
+Candidates are registered once (a registry, like the backends): the backend's own path, quantserve's Triton
+kernels (registered by quantserve.kernels when Triton can run), and the torch reference. For one layer the router
+keeps those whose `can_run` says yes on this device, drops the ones the policy disables, then takes the forced one,
+else the autotune cache's winner for the layer's (format, N, K, M bucket), else the first by fixed preference.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quant_linear import Kernel, QuantLinear, native_kernel, reference_kernel
+
+CanRun = Callable[[QuantLinear, torch.device], "tuple[bool, str]"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A kernel the router may pick: its name, its launch, where it runs, and its rank in the fixed preference."""
+
+    name: str
+    kernel: Kernel
+    can_run: CanRun
+    preference: int
+    summary: str = ""
+
+
+_CANDIDATES: dict[str, Candidate] = {}
+
+
+def register_candidate(candidate: Candidate) -> Candidate:
+    _CANDIDATES[candidate.name] = candidate
+    return candidate
+
+
+def candidates() -> list[Candidate]:
+    """Every registered candidate, in fixed preference order."""
+    return sorted(_CANDIDATES.values(), key=lambda c: c.preference)
+
+
+def _always(layer: QuantLinear, device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+# The fixed preference, used when the cache has nothing for a layer: quantserve's fused Triton kernel (preference
+# 10, small M on CUDA) first, then the backend's own kernel (20), Triton dequantize-then-GEMM (30), and the torch
+# reference last (90), which always runs.
+register_candidate(Candidate("native", native_kernel, _always, 20, "the backend's own kernel"))
+register_candidate(Candidate("reference", reference_kernel, _always, 90, "dequantize with torch, then a dense matmul"))
+
+
+@dataclass
+class KernelPolicy:
+    """Kernels forced or disabled by layer-name pattern (fnmatch), from a config dict or the environment.
+
+    Environment: QUANTSERVE_FORCE_KERNEL="pattern=kernel,pattern=kernel" and QUANTSERVE_DISABLE_KERNELS="kernel,..."
+    or "pattern=kernel|kernel,...".
+    """
+
+    force: dict[str, str] = field(default_factory=dict)
+    disable: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> KernelPolicy:
+        data = dict(data or {})
+        unknown = sorted(set(data) - {"force", "disable"})
+        if unknown:
+            raise ValueError(f"kernel_policy: unknown keys {unknown}; accepted: 'force', 'disable'")
+        force = data.get("force") or {}
+        disable = data.get("disable") or {}
+        if isinstance(disable, (list, tuple)):
+            disable = {"*": list(disable)}
+        policy = cls(dict(force), {k: list(v) if not isinstance(v, str) else [v] for k, v in disable.items()})
+        policy.validate()
+        return policy
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelPolicy:
+        env = os.environ if environ is None else environ
+        force: dict[str, str] = {}
+        disable: dict[str, list[str]] = {}
+        for item in filter(None, (s.strip() for s in env.get("QUANTSERVE_FORCE_KERNEL", "").split(","))):
+            pattern, _, kernel = item.rpartition("=")
+            force[pattern or "*"] = kernel
+        for item in filter(None, (s.strip() for s in env.get("QUANTSERVE_DISABLE_KERNELS", "").split(","))):
+            pattern, _, kernels = item.rpartition("=")
+            disable.setdefault(pattern or "*", []).extend(kernels.split("|"))
+        policy = cls(force, disable)
+        policy.validate()
+        return policy
+
+    def merged(self, other: KernelPolicy) -> KernelPolicy:
+        """This policy with `other`'s entries on top (the environment overrides the config)."""
+        disable = {k: list(v) for k, v in self.disable.items()}
+        for k, v in other.disable.items():
+            disable.setdefault(k, []).extend(v)
+        return KernelPolicy({**self.force, **other.force}, disable)
+
+    def validate(self) -> None:
+        known = set(_CANDIDATES)
+        for pattern, kernel in self.force.items():
+            if kernel not in known:
+                raise ValueError(f"kernel_policy.force[{pattern!r}]: unknown kernel {kernel!r}; known: {sorted(known)}")
+        for pattern, kernels in self.disable.items():
+            for kernel in kernels:
+                if kernel not in known:
+                    raise ValueError(f"kernel_policy.disable[{pattern!r}]: unknown kernel {kernel!r}; known: {sorted(known)}")
+
+    def forced(self, layer_name: str) -> str | None:
+        return next((k for p, k in self.force.items() if fnmatch.fnmatchcase(layer_name, p)), None)
+
+    def disabled(self, layer_name: str) -> set[str]:
+        return {k for p, ks in self.disable.items() if fnmatch.fnmatchcase(layer_name, p) for k in ks}
+
+
+def m_bucket(m: int) -> int:
+    """Round a row count up to a power of two: shapes within one bucket share a tuning result."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def shape_key(layer: QuantLinear, m: int) -> str:
+    """The cache key of one tuning problem: packed format, N, K and the M bucket."""
+    return f"{layer.qweight.fmt}|N={layer.out_features}|K={layer.in_features}|M={m_bucket(m)}"
+
+
+@dataclass
+class Decision:
+    layer: str
+    kernel: str
+    reason: str
+    runnable: list[str]
+    rejected: dict[str, str]
+
+
+def runnable_candidates(layer: QuantLinear, device: torch.device, name: str = "",
+                        policy: KernelPolicy | None = None) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates that can run this layer here (in preference order), and why each other one cannot."""
+    disabled = policy.disabled(name) if policy else set()
+    ok, rejected = [], {}
+    for candidate in candidates():
+        if candidate.name in disabled:
+            rejected[candidate.name] = "disabled by kernel policy"
+            continue
+        can, why = candidate.can_run(layer, device)
+        if can:
+            ok.append(candidate)
+        else:
+            rejected[candidate.name] = why
+    return ok, rejected
+
+
+def choose(layer: QuantLinear, name: str, device: torch.device, m: int, policy: KernelPolicy | None = None,
+           cache: Mapping[str, Any] | None = None) -> Decision:
+    """Pick the kernel for one layer, and say why."""
+    ok, rejected = runnable_candidates(layer, device, name, policy)
+    if not ok:
+        raise RuntimeError(f"{name}: no kernel can run format {layer.qweight.fmt} on {device}: {rejected}")
+    by_name = {c.name: c for c in ok}
+    forced = policy.forced(name) if policy else None
+    if forced is not None:
+        if forced not in by_name:
+            raise RuntimeError(f"{name}: kernel policy forces {forced!r}, which cannot run here: "
+                               f"{rejected.get(forced, 'not registered')}")
+        return Decision(name, forced, "forced by kernel policy", list(by_name), rejected)
+    entry = (cache or {}).get(shape_key(layer, m))
+    if entry is not None and entry.get("winner") in by_name:
+        timing = entry.get("timings_ms", {}).get(entry["winner"])
+        why = f"autotuned: fastest for {shape_key(layer, m)}" + (f" ({timing:.3f} ms)" if timing is not None else "")
+        return Decision(name, entry["winner"], why, list(by_name), rejected)
+    return Decision(name, ok[0].name, "fixed preference (no autotune entry)", list(by_name), rejected)
+
+
+def route(model: nn.Module, device: torch.device | str | None = None, m: int = 1, policy: KernelPolicy | None = None,
+          cache: Mapping[str, Any] | None = None) -> list[Decision]:
+    """Give every QuantLinear of `model` its kernel; returns the decisions in module order."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    decisions = []
+    for name, layer in quant_layers(model):
+        decision = choose(layer, name, device, m, policy, cache)
+        layer.set_kernel(decision.kernel, _CANDIDATES[decision.kernel].kernel, decision.reason)
+        decisions.append(decision)
+    return decisions
+
+
+def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

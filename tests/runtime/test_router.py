@@ -1,0 +1,86 @@
+"""The router and the autotuner on the CPU: candidates, policy, cache, warm start, rejection of wrong kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantserve.runtime.autotune import TuneCache, autotune, device_key, tokens_for, tune_layer
+from quantserve.runtime.loader import load_model
+from quantserve.runtime.quant_linear import QuantLinear
+from quantserve.runtime.router import Candidate, KernelPolicy, _CANDIDATES, m_bucket, register_candidate, route, shape_key
+
+from .tiny_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def nf4_model(tmp_path_factory):
+    folder = save_tiny("dit", tmp_path_factory.mktemp("r") / "dit")
+    return load_model(folder, "nf4")
+
+
+def test_m_buckets_are_powers_of_two():
+    assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 1000)] == [1, 2, 4, 16, 32, 1024]
+
+
+def test_fixed_preference_without_cache(nf4_model):
+    decisions = route(nf4_model, "cpu", m=4)
+    assert decisions and all(d.kernel == "native" and "fixed preference" in d.reason for d in decisions)
+    assert all(set(d.runnable) >= {"native", "reference"} for d in decisions)
+
+
+def test_policy_forces_and_disables_by_pattern(nf4_model):
+    policy = KernelPolicy.from_dict({"force": {"proj_out_*": "reference"}, "disable": {"*attn1*": ["native"]}})
+    decisions = {d.layer: d for d in route(nf4_model, "cpu", m=4, policy=policy)}
+    assert decisions["proj_out_1"].kernel == "reference" and decisions["proj_out_1"].reason == "forced by kernel policy"
+    assert decisions["transformer_blocks.0.attn1.to_q"].kernel == "reference"
+    assert decisions["transformer_blocks.0.attn1.to_q"].rejected["native"] == "disabled by kernel policy"
+    assert decisions["transformer_blocks.0.ff.net.2"].kernel == "native"
+    assert nf4_model.proj_out_1.kernel_name == "reference"
+
+
+def test_policy_from_environment_and_bad_names():
+    policy = KernelPolicy.from_env({"QUANTSERVE_FORCE_KERNEL": "proj_*=reference", "QUANTSERVE_DISABLE_KERNELS": "native,*ff*=reference"})
+    assert policy.forced("proj_out_1") == "reference" and policy.forced("x") is None
+    assert policy.disabled("a.ff.b") == {"native", "reference"}
+    with pytest.raises(ValueError, match="kernel_policy.force.*'magic'"):
+        KernelPolicy.from_dict({"force": {"*": "magic"}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        KernelPolicy.from_dict({"prefer": {}})
+
+
+def test_autotune_stores_winners_and_a_warm_start_tunes_nothing(nf4_model, tmp_path):
+    cache = TuneCache(tmp_path / "autotune.json")
+    results = autotune(nf4_model, [2, 16], device="cpu", cache=cache)
+    assert results and not any(r.cached for r in results)
+    stored = json.loads(cache.path.read_text())[device_key("cpu")]
+    assert set(stored) == {r.key for r in results}
+    for entry in stored.values():
+        assert entry["winner"] in entry["timings_ms"] and set(entry["timings_ms"]) == {"native", "reference"}
+    mtime = cache.path.stat().st_mtime_ns
+    again = autotune(nf4_model, [2, 16], device="cpu", cache=TuneCache(cache.path))
+    assert all(r.cached for r in again) and cache.path.stat().st_mtime_ns == mtime, "warm start rewrites nothing"
+    layer = nf4_model.proj_out_1
+    assert layer.kernel_name == stored[shape_key(layer, 16)]["winner"] and "autotuned" in layer.kernel_reason
+
+
+def test_a_kernel_that_strays_from_the_reference_is_rejected(nf4_model):
+    wrong = register_candidate(Candidate("wrong", lambda x, w, b: torch.zeros(x.shape[0], w.out_features, dtype=x.dtype),
+                                         lambda layer, device: (True, ""), 1, "a broken kernel"))
+    try:
+        result = tune_layer(nf4_model.proj_out_1, "proj_out_1", 8, torch.device("cpu"))
+        assert "wrong" in result.rejected and "strays" in result.rejected["wrong"]
+        assert result.winner in ("native", "reference")
+    finally:
+        del _CANDIDATES[wrong.name]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUANTSERVE_CACHE_DIR", str(tmp_path / "c"))
+    assert TuneCache().path == tmp_path / "c" / "autotune.json"
+
+
+def test_tokens_for_resolution_and_batch(nf4_model):
+    assert tokens_for(nf4_model, 8, 3) == 3 * 16  # 8x8 pixels, patch 2 -> 16 tokens per image
