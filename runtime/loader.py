@@ -92,8 +92,9 @@ def _skeleton(cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
 
 
 def _matches(name: str, patterns: list[str]) -> str | None:
-    """The first pattern found in the dotted module name (diffusers matches skip lists as substrings)."""
-    return next((p for p in patterns if p and (name == p or p in name)), None)
+    """The first pattern naming this module or one of its parents, as diffusers matches skip lists:
+    "proj_out" matches "proj_out" and "blocks.0.proj_out.net", not "proj_out_1"."""
+    return next((p for p in patterns if p and (name == p or f"{p}." in f"{name}.")), None)
 
 
 def plan_layers(model: nn.Module, backend: Backend | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
@@ -159,7 +160,8 @@ class _Loader:
         shape = (linear.out_features, linear.in_features)
         q = backend.read_checkpoint_layer(name, self.source)
         if q is not None:
-            self.used.update(k for k in self.source.keys() if k.startswith(f"{name}.weight"))
+            # diffusers' torchao checkpoints store a layer's parts as {layer}._weight_{part}
+            self.used.update(k for k in self.source.keys() if k.startswith((f"{name}.weight", f"{name}._weight_")))
             return q, ""
         if name in layers_meta:
             entry = layers_meta[name]
