@@ -160,8 +160,7 @@ class _Loader:
         shape = (linear.out_features, linear.in_features)
         q = backend.read_checkpoint_layer(name, self.source)
         if q is not None:
-            # diffusers' torchao checkpoints store a layer's parts as {layer}._weight_{part}
-            self.used.update(k for k in self.source.keys() if k.startswith((f"{name}.weight", f"{name}._weight_")))
+            self.used.update(backend.checkpoint_keys(name, self.source))
             return q, ""
         if name in layers_meta:
             entry = layers_meta[name]

@@ -108,6 +108,10 @@ class Backend:
         (a `TensorSource`) holds it in that layout; None when it does not, so the loader tries the next way."""
         return None
 
+    def checkpoint_keys(self, name: str, source: Any) -> list[str]:
+        """The tensors of layer `name` that `read_checkpoint_layer` consumed (so the loader counts them as used)."""
+        return [k for k in source.keys() if k.startswith(f"{name}.weight")]
+
     def writes_own_checkpoint(self) -> bool:
         """True when `save_quantized` must call `save_checkpoint` (GGUF writes a .gguf, not safetensors)."""
         return False

@@ -528,6 +528,10 @@ class TorchAoBackend(Backend, config=TorchAoConfig):
                 return weight
         return TorchAoWeight.from_subclass(t)
 
+    def checkpoint_keys(self, name: str, source: Any) -> list[str]:
+        """diffusers' torchao checkpoints store a layer's parts as '{name}._weight_{part}'."""
+        return [k for k in source.keys() if k.startswith(f"{name}._weight_")]
+
     def _torchao_entries(self, source: Any) -> dict[str, Any] | None:
         """The parsed torchao header of `source` (None when it holds none), once per source."""
         try:
