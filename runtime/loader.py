@@ -160,6 +160,10 @@ class _Loader:
         shape = (linear.out_features, linear.in_features)
         q = backend.read_checkpoint_layer(name, self.source)
         if q is not None:
+            if (q.out_features, q.in_features) != shape:
+                raise CheckpointError(f"{self.source.path}: tensor {name + '.weight'!r} has shape "
+                                      f"{(q.out_features, q.in_features)}, but {self.config_path} describes a model "
+                                      f"that needs {shape}")
             self.used.update(backend.checkpoint_keys(name, self.source))
             return q, ""
         if name in layers_meta:

@@ -232,3 +232,13 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(models, tmp_path, mon
 def test_gguf_file_needs_its_config(tmp_path):
     with pytest.raises(ValueError, match="config"):
         load_model(tmp_path / "model.gguf")
+
+
+def test_gguf_tensor_shape_disagreeing_with_config_is_named(models, tmp_path):
+    out = save_quantized(load_model(models["dit"], "gguf-q8_0"), tmp_path / "q8")
+    config = json.loads((out / "config.json").read_text())
+    config["attention_head_dim"] = 16
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_model(out)
+    assert "model.gguf" in str(info.value) and "shape" in str(info.value)
