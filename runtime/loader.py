@@ -185,6 +185,10 @@ class _Loader:
             if not tensor.is_meta and name in self.used:
                 continue
             loaded = self.tensor(name, tuple(tensor.shape))
+            if tensor.is_floating_point() and (not loaded.is_floating_point() or loaded.element_size() == 1):
+                raise CheckpointError(f"{self.source.file_of(name)}: tensor {name!r} is stored quantized "
+                                      f"({loaded.dtype}), but the model keeps that parameter dense: the checkpoint "
+                                      "and its config.json's quantization_config disagree")
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name) if module_name else self.model
             value = loaded.to(self.device, self.dense_dtype(name, loaded))

@@ -83,7 +83,7 @@ _ROWS = (
     Scheme("gguf-q6_k", _GGUF, _gguf, "GGUF Q6_K super-blocks of 256", 6.5625, gguf_type="Q6_K"),
     Scheme("modelopt-fp8", _MO, _modelopt("FP8"), "ModelOpt FP8 e4m3 weights, per tensor", 8),
     Scheme("modelopt-int8", _MO, _modelopt("INT8", channel_quantize=0), "ModelOpt INT8 weights, per output channel", 8),
-    Scheme("modelopt-int4", _MO, _modelopt("INT4", channel_quantize=-1, block_quantize=128), "ModelOpt INT4 weights, blocks of 128", 4.125),
+    Scheme("modelopt-int4", _MO, _modelopt("INT4", channel_quantize=-1, block_quantize=128), "ModelOpt INT4 weights, blocks of 128 (fp32 scales)", 4.25),
     Scheme("modelopt-nvfp4", _MO, _modelopt("NVFP4", channel_quantize=-1, block_quantize=16, scale_channel_quantize=-1, scale_block_quantize=16),
            "ModelOpt NVFP4 (e2m1, blocks of 16 with e4m3 scales)", 4.5),
 )

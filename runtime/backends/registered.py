@@ -2,5 +2,6 @@
 
 from . import bnb  # noqa: F401
 from . import gguf  # noqa: F401
+from . import modelopt  # noqa: F401
 from . import quanto  # noqa: F401
 from . import torchao  # noqa: F401

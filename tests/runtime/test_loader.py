@@ -242,3 +242,15 @@ def test_gguf_tensor_shape_disagreeing_with_config_is_named(models, tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_model(out)
     assert "model.gguf" in str(info.value) and "shape" in str(info.value)
+
+
+def test_quantized_bytes_for_a_dense_parameter_are_refused(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(models["dit"], tmp_path / "m")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors["proj_out_2.weight"] = tensors["proj_out_2.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="proj_out_2.weight.*stored quantized"):
+        load_model(folder)
