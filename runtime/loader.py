@@ -218,8 +218,20 @@ def _open_source(folder: Path, gguf_file: Path | None) -> TensorSource:
     return SafetensorsSource.for_directory(folder)
 
 
+def _route(model: nn.Module, device: torch.device, policy: Mapping[str, Any] | None) -> None:
+    """Give each quantized layer its kernel: the policy (config, then environment), the autotune cache, the preference.
+
+    A warm cache is only read here; tuning is `quantserve autotune`'s job."""
+    from .autotune import TuneCache
+    from .router import KernelPolicy, route
+
+    merged = KernelPolicy.from_dict(policy).merged(KernelPolicy.from_env())
+    route(model, device, policy=merged, cache=TuneCache().entries(device))
+
+
 def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype, gguf_file: Path | None,
-              forward_loop: Callable[[nn.Module], None] | None, progress: bool) -> nn.Module:
+              forward_loop: Callable[[nn.Module], None] | None, progress: bool,
+              kernel_policy: Mapping[str, Any] | None = None) -> nn.Module:
     start = time.perf_counter()
     config_path = folder / CONFIG_NAME
     model_config = read_config(folder)
@@ -256,6 +268,7 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
     if backend is not None:
         backend.after_load(model, forward_loop)
     model.eval()
+    _route(model, device, kernel_policy)
     report = LoadReport(cls.__name__, str(gguf_file or folder), qconfig.quant_method.value if qconfig else "none",
                         label, pre_quantized)
     measure(model, report, reasons)
@@ -268,11 +281,14 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
 
 def load_model(path: str | os.PathLike[str], quantization_config: Any = None, device: str | torch.device = "cpu",
                torch_dtype: torch.dtype = torch.bfloat16, config: str | os.PathLike[str] | None = None, *,
-               forward_loop: Callable[[nn.Module], None] | None = None, progress: bool = False) -> Any:
+               forward_loop: Callable[[nn.Module], None] | None = None, progress: bool = False,
+               kernel_policy: Mapping[str, Any] | None = None) -> Any:
     """Load a diffusers model (dir), pipeline (dir with model_index.json) or .gguf file, quantized.
 
     `quantization_config`: a config object, a scheme name ("nf4", "gguf-q4_k", ...), a config.json block, or for a
     pipeline a mapping component -> any of those. A checkpoint that is already quantized keeps its own config.
+    `kernel_policy`: {"force": {pattern: kernel}, "disable": {pattern: [kernel, ...]}} for the router (the
+    QUANTSERVE_FORCE_KERNEL / QUANTSERVE_DISABLE_KERNELS environment variables add to it).
     The report is at `model.quantserve_report` (see `load_report`).
     """
     path = Path(path)
@@ -284,19 +300,20 @@ def load_model(path: str | os.PathLike[str], quantization_config: Any = None, de
         folder = folder.parent if folder.name == CONFIG_NAME else folder
         if not path.is_file():
             raise CheckpointError(f"{path}: no such .gguf file")
-        return _load_one(folder, quantization_config, device, torch_dtype, path, forward_loop, progress)
+        return _load_one(folder, quantization_config, device, torch_dtype, path, forward_loop, progress, kernel_policy)
     if not path.exists():
         raise CheckpointError(f"{path}: no such model directory")
     if path.is_file() and path.name == CONFIG_NAME:
         path = path.parent
     if (path / "model_index.json").is_file():
-        return load_pipeline_components(path, quantization_config, device, torch_dtype, forward_loop, progress)
-    return _load_one(path, quantization_config, device, torch_dtype, None, forward_loop, progress)
+        return load_pipeline_components(path, quantization_config, device, torch_dtype, forward_loop, progress,
+                                        kernel_policy)
+    return _load_one(path, quantization_config, device, torch_dtype, None, forward_loop, progress, kernel_policy)
 
 
 def load_pipeline_components(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
-                             forward_loop: Callable[[nn.Module], None] | None = None,
-                             progress: bool = False) -> dict[str, nn.Module]:
+                             forward_loop: Callable[[nn.Module], None] | None = None, progress: bool = False,
+                             kernel_policy: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
     """Every diffusers model component of a pipeline directory, each with its own quantization config.
 
     `spec` is one config for every model component, or a mapping component name -> config (as diffusers'
@@ -323,7 +340,8 @@ def load_pipeline_components(folder: Path, spec: Any, device: torch.device, dtyp
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             continue  # schedulers and other configs: not weights
         component_spec = spec.get(name) if is_mapping else spec
-        components[name] = _load_one(folder / name, component_spec, device, dtype, None, forward_loop, progress)
+        components[name] = _load_one(folder / name, component_spec, device, dtype, None, forward_loop, progress,
+                                     kernel_policy)
     return components
 
 

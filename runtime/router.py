@@ -131,6 +131,20 @@ def shape_key(layer: QuantLinear, m: int) -> str:
     return f"{layer.qweight.fmt}|N={layer.out_features}|K={layer.in_features}|M={m_bucket(m)}"
 
 
+def nearest_entry(cache: Mapping[str, Any], layer: QuantLinear, m: int) -> tuple[str | None, Any]:
+    """The cache entry for this layer's shape at M's bucket, else at the nearest tuned bucket (by ratio)."""
+    exact = shape_key(layer, m)
+    if exact in cache:
+        return exact, cache[exact]
+    prefix = exact.rsplit("|M=", 1)[0] + "|M="
+    target = m_bucket(m).bit_length()
+    tuned = [(abs(int(k[len(prefix):]).bit_length() - target), k) for k in cache if k.startswith(prefix)]
+    if not tuned:
+        return None, None
+    key = min(tuned)[1]
+    return key, cache[key]
+
+
 @dataclass
 class Decision:
     layer: str
@@ -170,10 +184,10 @@ def choose(layer: QuantLinear, name: str, device: torch.device, m: int, policy: 
             raise RuntimeError(f"{name}: kernel policy forces {forced!r}, which cannot run here: "
                                f"{rejected.get(forced, 'not registered')}")
         return Decision(name, forced, "forced by kernel policy", list(by_name), rejected)
-    entry = (cache or {}).get(shape_key(layer, m))
+    key, entry = nearest_entry(cache or {}, layer, m)
     if entry is not None and entry.get("winner") in by_name:
         timing = entry.get("timings_ms", {}).get(entry["winner"])
-        why = f"autotuned: fastest for {shape_key(layer, m)}" + (f" ({timing:.3f} ms)" if timing is not None else "")
+        why = f"autotuned: fastest for {key}" + (f" ({timing:.3f} ms)" if timing is not None else "")
         return Decision(name, entry["winner"], why, list(by_name), rejected)
     return Decision(name, ok[0].name, "fixed preference (no autotune entry)", list(by_name), rejected)
 

@@ -84,3 +84,21 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_tokens_for_resolution_and_batch(nf4_model):
     assert tokens_for(nf4_model, 8, 3) == 3 * 16  # 8x8 pixels, patch 2 -> 16 tokens per image
+
+
+def test_load_model_routes_with_policy_and_warm_cache(tmp_path, monkeypatch):
+    folder = save_tiny("dit", tmp_path / "dit")
+    model = load_model(folder, "nf4", kernel_policy={"force": {"proj_out_*": "reference"}})
+    assert model.proj_out_1.kernel_name == "reference" and model.proj_out_1.kernel_reason == "forced by kernel policy"
+    assert model.transformer_blocks[0].attn1.to_q.kernel_name == "native"
+    report = {l.name: l for l in model.quantserve_report.layers}
+    assert report["proj_out_1"].kernel == "reference"
+    monkeypatch.setenv("QUANTSERVE_DISABLE_KERNELS", "native")
+    assert load_model(folder, "nf4").proj_out_2.kernel_name == "reference"
+    # a warm autotune cache is read at load: each layer gets its tuned winner
+    monkeypatch.delenv("QUANTSERVE_DISABLE_KERNELS")
+    monkeypatch.setenv("QUANTSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    tuned = load_model(folder, "nf4")
+    autotune(tuned, [16], device="cpu", cache=TuneCache())
+    fresh = load_model(folder, "nf4")
+    assert "autotuned" in fresh.proj_out_1.kernel_reason
