@@ -5,3 +5,23 @@ if __name__ != "quantserve.kernels":  # the repository root is on sys.path (pyth
     # (bitsandbytes and diffusers look for Hugging Face's `kernels`); refuse to pose as it.
     raise ImportError(f"{__name__!r} is not this package: this folder is quantserve.kernels")
 
+
+from .api import (
+    dequantize,
+    linear,
+    pack_bnb_4bit,
+    pack_fp8,
+    pack_gguf,
+    pack_int4_grouped,
+    pack_int8_rows,
+    pack_nvfp4,
+    pack_quanto_grouped,
+    triton_problem,
+)
+from .formats import NVFP4, BnB4bit, Float8, FormatError, GGUFBlocks, Int4Grouped, Int8Rows, PackedWeight, QuantoGrouped
+
+__all__ = [
+    "BnB4bit", "Float8", "FormatError", "GGUFBlocks", "Int4Grouped", "Int8Rows", "NVFP4", "PackedWeight",
+    "QuantoGrouped", "dequantize", "linear", "pack_bnb_4bit", "pack_fp8", "pack_gguf", "pack_int4_grouped",
+    "pack_int8_rows", "pack_nvfp4", "pack_quanto_grouped", "triton_problem",
+]

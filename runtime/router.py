@@ -212,3 +212,7 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+# quantserve Triton kernels register themselves as candidates (after the built-ins above)
+from . import kernel_candidates  # noqa: E402,F401
