@@ -59,6 +59,18 @@ def _diffusers_config(name: str):
     return diffusers.QuantoConfig(weights_dtype=name.split("-")[1])
 
 
+def _import_backend_libraries() -> None:
+    """Import every backend library up front: their import cost is the fixed overhead, not the load's memory."""
+    import importlib
+    import logging
+
+    logging.disable(logging.WARNING)
+    for name in ("bitsandbytes", "torchao.quantization", "optimum.quanto", "gguf", "modelopt.torch.quantization",
+                 "quantserve.runtime.loader", "quantserve.runtime.backends.registered"):
+        importlib.import_module(name)
+    logging.disable(logging.NOTSET)
+
+
 def worker(model_dir: Path, scheme: str, via: str) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
@@ -68,6 +80,7 @@ def worker(model_dir: Path, scheme: str, via: str) -> dict:
 
     import diffusers  # noqa: F401  (imports counted in the baseline, not the load)
 
+    _import_backend_libraries()
     baseline = peak_rss_mib()
     start = time.perf_counter()
     if via == "quantserve":
@@ -84,6 +97,7 @@ def worker(model_dir: Path, scheme: str, via: str) -> dict:
         model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     load_s = time.perf_counter() - start
+    load_peak = peak_rss_mib()
     inputs = dummy_inputs(model, dtype=torch.bfloat16)
     with torch.no_grad():
         model(**inputs, return_dict=False)  # warm-up
@@ -92,13 +106,17 @@ def worker(model_dir: Path, scheme: str, via: str) -> dict:
             t = time.perf_counter()
             model(**inputs, return_dict=False)
             times.append(time.perf_counter() - t)
-    return {"scheme": scheme, "via": via, "load_s": load_s, "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
+    return {"scheme": scheme, "via": via, "load_s": load_s, "load_peak_rss_mib": load_peak, "peak_rss_mib": peak_rss_mib(),
+            "baseline_rss_mib": baseline,
             "model_bytes": model_bytes, "bf16_bytes": bf16_bytes, "forward_s": sorted(times)[1]}
 
 
-def run_one(model_dir: Path, scheme: str, via: str) -> dict:
+def run_one(model_dir: Path, scheme: str, via: str, timeout_s: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", str(model_dir), "--schemes", scheme, "--via", via]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"scheme": scheme, "via": via, "error": f"did not finish within {timeout_s:.0f} s on this machine"}
     if proc.returncode != 0:
         return {"scheme": scheme, "via": via, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,15 +130,17 @@ def largest_layer_bf16_mib(model_dir: Path) -> float:
 
 
 def table(rows: list[dict], bf16: dict, bound_extra_mib: float) -> str:
-    out = ["| scheme | via | load s | peak RSS MiB (over baseline) | RSS bound MiB | model MiB | vs bf16 | forward s | vs bf16 |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| scheme | via | load s | load peak RSS MiB (over baseline) | RSS bound MiB | peak RSS incl. forward | "
+           "model MiB | vs bf16 | forward s | vs bf16 |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['scheme']} | {r['via']} | failed: {r['error'][:80]} | | | | | | |")
+            out.append(f"| {r['scheme']} | {r['via']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
-        over = r["peak_rss_mib"] - r["baseline_rss_mib"]
+        over = r["load_peak_rss_mib"] - r["baseline_rss_mib"]
         bound = r["model_bytes"] / 2**20 + bound_extra_mib
-        out.append(f"| {r['scheme']} | {r['via']} | {r['load_s']:.2f} | {over:.0f} | {bound:.0f} | "
+        with_forward = r["peak_rss_mib"] - r["baseline_rss_mib"]
+        out.append(f"| {r['scheme']} | {r['via']} | {r['load_s']:.2f} | {over:.0f} | {bound:.0f} | {with_forward:.0f} | "
                    f"{r['model_bytes'] / 2**20:.0f} | {r['model_bytes'] / bf16['model_bytes']:.3f}x | "
                    f"{r['forward_s']:.3f} | {r['forward_s'] / bf16['forward_s']:.2f}x |")
     return "\n".join(out)
@@ -131,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", default="bf16,nf4,fp4,llm-int8")
     parser.add_argument("--workdir", default="/tmp/quantserve-bench", help="where the FLUX-shaped model is saved")
     parser.add_argument("--out", help="write the rows as JSON here")
-    parser.add_argument("--overhead-mib", type=float, default=512.0,
+    parser.add_argument("--overhead-mib", type=float, default=256.0,
                         help="the fixed overhead allowed in the RSS bound (beyond quantized size + largest bf16 layer)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one scheme may take (default 900)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--via", default="quantserve", help=argparse.SUPPRESS)
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for via in ["quantserve"] + (["diffusers"] if scheme in DIFFUSERS_EQUIVALENT else []):
             name = DIFFUSERS_EQUIVALENT.get(scheme, scheme) if via == "diffusers" else scheme
             print(f"measuring {scheme} via {via} ...", file=sys.stderr, flush=True)
-            row = run_one(model_dir, name, via)
+            row = run_one(model_dir, name, via, args.timeout)
             row["scheme"] = scheme
             rows.append(row)
     largest = largest_layer_bf16_mib(model_dir)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -78,30 +77,98 @@ class TensorSource:
         return self._keys_cache
 
 
+# safetensors dtype names -> torch dtypes (the format's own table)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class _SafetensorsFile:
+    """One .safetensors file read with plain reads (no mmap): a tensor costs memory only while the caller keeps it,
+    and the file's pages never count toward this process's resident memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = open(path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            self._read_header()
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def _read_header(self) -> None:
+        size = self.path.stat().st_size
+        head = self.handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file: {size} bytes is shorter than its header")
+        length = int.from_bytes(head, "little")
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{self.path}: not a readable safetensors file: header length {length} exceeds the file")
+        try:
+            header = json.loads(self.handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file: header is not JSON: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a readable safetensors file: header is not a JSON object")
+        self.meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self.base = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a damaged header entry: {info!r}") from exc
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: {end - begin} bytes stored for shape {shape} "
+                                      f"of {info['dtype']}")
+            if self.base + end > size:
+                raise CheckpointError(f"{self.path}: tensor {name!r} lies past the end of the file "
+                                      f"({self.base + end} > {size} bytes): the file is truncated")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        self.handle.seek(self.base + begin)
+        if end > begin and self.handle.readinto(buffer.numpy()) != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended before its data")
+        return buffer.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class SafetensorsSource(TensorSource):
     """One safetensors file, or a sharded set named by an index file; tensors are read one at a time."""
 
     def __init__(self, files: dict[str, Path], path: Path):
-        from safetensors import safe_open
-
         self.path = path
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, _SafetensorsFile] = {}
         self._where: dict[str, Path] = {}
-        for key_file in sorted(set(files.values())):
-            if not key_file.is_file():
-                raise CheckpointError(f"{key_file}: missing (named by {path.name})")
-            try:
-                handle = self._stack.enter_context(safe_open(str(key_file), framework="pt", device="cpu"))
-            except Exception as exc:  # safetensors raises its own error types for damaged headers
-                self._stack.close()
-                raise CheckpointError(f"{key_file}: not a readable safetensors file: {exc}") from exc
-            self._handles[key_file] = handle
+        try:
+            for key_file in sorted(set(files.values())):
+                if not key_file.is_file():
+                    raise CheckpointError(f"{key_file}: missing (named by {path.name})")
+                self._files[key_file] = _SafetensorsFile(key_file)
+        except BaseException:
+            self.close()
+            raise
         for key, key_file in files.items():
             if key == "*":
-                for k in self._handles[key_file].keys():
-                    self._where[k] = key_file
+                self._where.update((k, key_file) for k in self._files[key_file].entries)
             else:
+                if key not in self._files[key_file].entries:
+                    self.close()
+                    raise CheckpointError(f"{key_file}: has no tensor {key!r}, which {path.name} places there")
                 self._where[key] = key_file
 
     @classmethod
@@ -132,24 +199,22 @@ class SafetensorsSource(TensorSource):
         return self._where[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return self._files[self._where[key]].entries[key][1]
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise CheckpointError(f"{self.path}: has no tensor {key!r}")
-        try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except Exception as exc:
-            raise CheckpointError(f"{self._where[key]}: tensor {key!r} cannot be read: {exc}") from exc
+        return self._files[self._where[key]].get(key)
 
     def metadata(self) -> dict[str, str]:
         merged: dict[str, str] = {}
-        for handle in self._handles.values():
-            merged.update(handle.metadata() or {})
+        for handle in self._files.values():
+            merged.update(handle.meta)
         return merged
 
     def close(self) -> None:
-        self._stack.close()
+        for handle in self._files.values():
+            handle.close()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

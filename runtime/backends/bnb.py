@@ -16,6 +16,8 @@ from ..config import BitsAndBytesConfig, dtype_name
 from .base import Backend, QuantizedWeight
 
 BLOCKSIZE_4BIT = 64
+# bitsandbytes' CPU quantizer allocates ~15 bytes of temporaries per weight: quantize big layers in row chunks
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _bnb():
@@ -80,6 +82,32 @@ class BnBInt8Weight(QuantizedWeight):
         return y.to(x.dtype)
 
 
+def quantize_4bit_chunked(weight: torch.Tensor, cfg: BitsAndBytesConfig, chunk_elements: int = CHUNK_ELEMENTS):
+    """`bitsandbytes.functional.quantize_4bit` of the whole weight, computed a few rows at a time.
+
+    Blocks of 64 never straddle rows when in_features is a multiple of 64, so quantizing row chunks with
+    bitsandbytes' own op and concatenating gives the very bytes of one whole-tensor call, with bounded temporaries;
+    the double-quantization of absmax then runs once over all of it, exactly as bitsandbytes does."""
+    functional = _bnb().functional
+    rows = max(1, chunk_elements // weight.shape[1])
+    if weight.shape[0] <= rows or weight.shape[1] % BLOCKSIZE_4BIT:
+        return functional.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE_4BIT,
+                                        compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                        quant_type=cfg.bnb_4bit_quant_type, quant_storage=cfg.bnb_4bit_quant_storage)
+    op = torch.ops.bitsandbytes.quantize_4bit.default
+    parts = [op(weight[i:i + rows].contiguous(), BLOCKSIZE_4BIT, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_quant_storage)
+             for i in range(0, weight.shape[0], rows)]
+    packed = torch.cat([p[0] for p in parts])
+    absmax = torch.cat([p[1] for p in parts])
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE_4BIT, quant_type=cfg.bnb_4bit_quant_type,
+                  code=functional.get_4bit_type(cfg.bnb_4bit_quant_type, device=weight.device))
+    if not cfg.bnb_4bit_use_double_quant:
+        return packed, functional.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    qabsmax, state2 = functional.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, functional.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+
+
 class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
     name = "bitsandbytes"
     config: BitsAndBytesConfig
@@ -96,11 +124,7 @@ class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
         if self.config.load_in_8bit:
             cb, scb, _ = _bnb().functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
             return BnBInt8Weight(cb, scb, {"threshold": self.config.llm_int8_threshold})
-        cfg = self.config
-        packed, state = _bnb().functional.quantize_4bit(
-            weight.to(cfg.bnb_4bit_compute_dtype).contiguous(), blocksize=BLOCKSIZE_4BIT,
-            compress_statistics=cfg.bnb_4bit_use_double_quant, quant_type=cfg.bnb_4bit_quant_type,
-            quant_storage=cfg.bnb_4bit_quant_storage)
+        packed, state = quantize_4bit_chunked(weight.to(self.config.bnb_4bit_compute_dtype), self.config)
         return self._weight_from_state_dict(packed, state.as_dict(packed=True), tuple(weight.shape))
 
     def _weight_from_state_dict(self, packed: torch.Tensor, qs: dict[str, Any], shape: tuple[int, int]) -> BnB4bitWeight:
