@@ -262,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print the decisions as JSON")
         p.set_defaults(func=func)
 
+    from quantserve.default_model.evaluate import add_eval_command
+    from quantserve.serve_cli import add_serve_commands
+
+    add_eval_command(sub)
+    add_serve_commands(sub)
+
     p = sub.add_parser("schemes", help="list the named quantization schemes (--scheme values)",
                        description="List the named presets every command accepts as --scheme, with their backend.")
     p.add_argument("--json", action="store_true", help="print the table as JSON, with each scheme's config")
