@@ -5,3 +5,20 @@ if __name__ != "quantserve.serve":  # the repository root is on sys.path (python
     # (bitsandbytes and diffusers look for Hugging Face's `kernels`); refuse to pose as it.
     raise ImportError(f"{__name__!r} is not this package: this folder is quantserve.serve")
 
+
+# Lazy exports: the config and A/B logic import without Ray; the application pulls in Ray Serve on first use.
+_EXPORTS = {
+    "ServeConfig": "config", "VariantConfig": "config", "ExperimentConfig": "config", "ConfigError": "config",
+    "default_config": "config", "load_config": "config", "parse_config": "config",
+    "Splitter": "ab", "Assignment": "ab", "UnknownVariantError": "ab",
+    "build_app": "app", "build_application": "app", "ray_serve_config": "app",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

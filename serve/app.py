@@ -1,0 +1,93 @@
+"""build_app: a serve config in, a Ray Serve application out (Ingress -> ABRouter -> one Diffusion per variant).
+
+It is a Ray Serve application builder, so Ray's own CLI deploys the same config:
+
+    serve run quantserve.serve.app:build_app config=examples/serve.yaml
+
+or, in a Ray Serve config file for `serve deploy` / KubeRay, `import_path: quantserve.serve.app:build_app` with the
+serve config under `args` (see `ray_serve_config`). With no args it serves `default_config()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from .config import ConfigError, ServeConfig, default_config, load_config, parse_config
+from .diffusion import Diffusion
+from .ingress import Ingress
+from .router import ABRouter
+
+IMPORT_PATH = "quantserve.serve.app:build_app"
+ROUTER_DEPLOYMENT = "ABRouter"
+
+__all__ = ["IMPORT_PATH", "build_app", "build_application", "config_from_args", "default_config", "ray_serve_config"]
+
+
+def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
+    """{"config": "path.yaml"} (as `serve run ... config=path.yaml` passes), an inline serve config, or {}."""
+    args = dict(args or {})
+    if not args:
+        return default_config()
+    if "config" in args:
+        if len(args) > 1:
+            raise ConfigError(f"build_app args: 'config' (a YAML path) cannot be combined with other keys, got {sorted(args)}")
+        return load_config(args["config"])
+    return parse_config(args, "build_app args")
+
+
+def build_application(cfg: ServeConfig) -> Application:
+    """Bind the deployments for a validated config."""
+    handles = {}
+    for v in cfg.variants:
+        handles[v.name] = Diffusion.options(
+            name=v.deployment_name,
+            ray_actor_options=v.ray_actor_options(),
+            autoscaling_config=v.autoscaling.to_ray(),
+            max_ongoing_requests=v.max_ongoing_requests,
+            max_queued_requests=v.max_queued_requests,
+            health_check_period_s=v.health_check_period_s,
+            graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+            max_constructor_retry_count=3,  # a model that fails to load fails the deploy soon, with its reason
+        ).bind(v.model_dump(mode="json"))
+    router = ABRouter.options(
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=cfg.router.num_replicas,
+        ray_actor_options={"num_cpus": cfg.router.num_cpus},
+        max_ongoing_requests=cfg.router.max_ongoing_requests,
+        user_config=cfg.experiment.model_dump(mode="json"),
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+    ).bind({v.name: v.scheme_label for v in cfg.variants}, {v.name: v.deployment_name for v in cfg.variants},
+           handles, cfg.retry_after_s)
+    return Ingress.options(
+        num_replicas=cfg.ingress.num_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s)
+
+
+def build_app(args: dict) -> Application:
+    """Ray Serve application builder: `serve run quantserve.serve.app:build_app [config=FILE.yaml]`."""
+    return build_application(config_from_args(args))
+
+
+def ray_serve_config(cfg: ServeConfig, route_prefix: str = "/") -> dict[str, Any]:
+    """The same application as a Ray Serve config (`serve deploy`, KubeRay RayService).
+
+    The experiment is the ABRouter's user_config override, outside `args`: editing only the weights (or salt, or
+    shadow) and deploying again is a lightweight update that reconfigures the router without restarting a replica.
+    """
+    args = cfg.model_dump(mode="json", exclude={"experiment", "http", "metrics"})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": args,
+            "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": cfg.experiment.model_dump(mode="json")}],
+        }],
+    }

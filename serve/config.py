@@ -1,0 +1,313 @@
+"""The serve config: variants (model, scheme, kernel policy, scaling, resources), the A/B experiment, HTTP and limits.
+
+It is a pydantic model, written as YAML on disk (see examples/serve.yaml). Every field has a bound; an error names the
+field (`variants.1.quantization: ...`). `default_config()` is what `quantserve serve` runs with no file: the embedded
+digits model in two variants, bf16 and nf4, split 50/50.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .ab import validate_sticky_key, validate_weights
+from .kernel_policy import validate_kernel_policy
+
+VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+BF16_NAMES = ("bf16", "none")  # quantization values meaning "no quantization"
+
+
+class ConfigError(ValueError):
+    """A serve config that cannot be used; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of one variant's replicas."""
+
+    min_replicas: int = Field(1, ge=1, le=64)
+    max_replicas: int = Field(1, ge=1, le=64)
+    target_ongoing_requests: float = Field(4.0, gt=0, le=1024)
+    upscale_delay_s: float = Field(5.0, ge=0, le=3600)
+    downscale_delay_s: float = Field(60.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        d = self.model_dump()
+        d["initial_replicas"] = self.min_replicas
+        return d
+
+
+class ResourcesConfig(_Strict):
+    """What one replica reserves from Ray, and the torch threads it computes with."""
+
+    num_cpus: float = Field(0.5, ge=0, le=256)
+    num_gpus: float = Field(0.0, ge=0, le=16)
+    torch_threads: int = Field(1, ge=1, le=256)
+
+
+class BatchingConfig(_Strict):
+    """@serve.batch of compatible requests (same steps and guidance), counted in images."""
+
+    max_batch_images: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+
+
+class VariantConfig(_Strict):
+    """One model variant: a Diffusion deployment with its own scheme, kernel policy, scaling and resources."""
+
+    name: str = Field(pattern=VARIANT_NAME_PATTERN)
+    model: str | None = Field(None, description="model directory (transformer/, scheduler/); None: the embedded digits model")
+    quantization: str | dict[str, Any] | None = Field("bf16", description="scheme name (bf16, nf4, ...) or a quantization_config block")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    kernel_policy: dict[str, Any] = Field(default_factory=dict)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_ongoing_requests: int = Field(8, ge=1, le=1024)
+    max_queued_requests: int = Field(32, ge=0, le=100_000)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    gemm_sample_every: int = Field(20, ge=0, le=1_000_000, description="time the layers' GEMMs every N batches (0: never)")
+    health_check_period_s: float = Field(10.0, gt=0, le=3600)
+    fail_on_seed: int | None = Field(None, description="chaos/test hook: a request with this seed fails inside the replica")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or len(value) > 4096):
+            raise ValueError("expected a model directory path (1..4096 characters) or null for the embedded model")
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value in BF16_NAMES):
+            return value
+        from quantserve.runtime.schemes import SCHEMES, resolve_quantization_config
+
+        if isinstance(value, str) and value not in SCHEMES:
+            raise ValueError(f"unknown scheme {value!r}; accepted: {', '.join(SCHEMES)} or a quantization_config mapping")
+        try:
+            resolve_quantization_config(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("kernel_policy")
+    @classmethod
+    def _kernel_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return validate_kernel_policy(value, "")  # the field path comes from pydantic's location
+
+    def quantization_spec(self) -> str | dict[str, Any] | None:
+        """What load_model takes: None for bf16, else the scheme name or config block."""
+        q = self.quantization
+        return None if q is None or (isinstance(q, str) and q in BF16_NAMES) else q
+
+    @property
+    def scheme_label(self) -> str:
+        """A short label for metrics: the scheme name, or the config block's quant_method."""
+        spec = self.quantization_spec()
+        if spec is None:
+            return "bf16"
+        if isinstance(spec, str):
+            return spec
+        return str(spec.get("quant_method", "custom"))
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Diffusion_{self.name}"
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus}
+
+
+class ShadowConfig(_Strict):
+    """Mirror a sampled share of requests onto another variant (same seed) after the response, and compare."""
+
+    variant: str | None = None
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ExperimentConfig(_Strict):
+    """The A/B split; the ABRouter's user_config, so it changes live without restarting replicas."""
+
+    weights: dict[str, float] = Field(default_factory=dict, description="variant -> weight (>= 0); empty: equal")
+    salt: str = Field("quantserve", min_length=1, max_length=128)
+    sticky_key: str = Field("user", description="'user', 'none' or 'header:<Header-Name>'")
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not math.isfinite(v) or v < 0}
+        if bad:
+            raise ValueError(f"weights must be finite numbers >= 0, got {bad}")
+        return value
+
+    @field_validator("sticky_key")
+    @classmethod
+    def _sticky(cls, value: str) -> str:
+        return validate_sticky_key(value, "")
+
+    def resolved_weights(self, variants: list[str]) -> dict[str, float]:
+        """Weights for every variant (equal when none are given)."""
+        return validate_weights(self.weights or {name: 1.0 for name in variants}, variants, "experiment.weights")
+
+    def check(self, variants: list[str]) -> None:
+        """Validate against the variants served: known names, a positive total, a known shadow."""
+        self.resolved_weights(variants)
+        if self.shadow.variant is not None and self.shadow.variant not in variants:
+            raise ValueError(f"experiment.shadow.variant: unknown variant {self.shadow.variant!r}; "
+                             f"variants: {', '.join(variants)}")
+
+
+class HTTPConfig(_Strict):
+    host: str = Field("127.0.0.1", min_length=1, max_length=255)
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class MetricsConfig(_Strict):
+    """Port of Ray's metrics agent, which serves the Prometheus exposition at /metrics."""
+
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class LimitsConfig(_Strict):
+    """Bounds of every request field."""
+
+    max_n: int = Field(4, ge=1, le=256)
+    max_steps: int = Field(100, ge=1, le=10_000)
+    default_steps: int = Field(25, ge=1, le=10_000)
+    min_size: int = Field(8, ge=1, le=4096)
+    max_size: int = Field(512, ge=1, le=4096)
+    default_size: int = Field(64, ge=1, le=4096)
+    max_guidance: float = Field(20.0, ge=1.0, le=100.0)
+    max_prompt_chars: int = Field(64, ge=1, le=10_000)
+    max_user_chars: int = Field(128, ge=1, le=10_000)
+    max_body_bytes: int = Field(16_384, ge=256, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitsConfig:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        if not self.min_size <= self.default_size <= self.max_size:
+            raise ValueError(f"default_size ({self.default_size}) must lie in [min_size, max_size]")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class FrontConfig(_Strict):
+    """The Ingress and ABRouter deployments: light, CPU-free by default, with room for many requests in flight."""
+
+    num_replicas: int = Field(1, ge=1, le=64)
+    num_cpus: float = Field(0.0, ge=0, le=64)
+    max_ongoing_requests: int = Field(256, ge=1, le=100_000)
+
+
+class ServeConfig(_Strict):
+    """The whole application: what `quantserve serve CONFIG.yaml` and `build_app` read."""
+
+    app_name: str = Field("quantserve", pattern=VARIANT_NAME_PATTERN)
+    variants: list[VariantConfig] = Field(min_length=1, max_length=32)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    ingress: FrontConfig = Field(default_factory=FrontConfig)
+    router: FrontConfig = Field(default_factory=FrontConfig)
+    request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    retry_after_s: int = Field(1, ge=1, le=3600)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ServeConfig:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variants: duplicate name(s) {', '.join(dupes)}")
+        self.experiment.check(names)
+        for i, v in enumerate(self.variants):
+            if v.batching.max_batch_images < self.limits.max_n:
+                raise ValueError(f"variants.{i}.batching.max_batch_images ({v.batching.max_batch_images}) must be >= "
+                                 f"limits.max_n ({self.limits.max_n}): a request's images run in one batch")
+        return self
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]
+
+    def variant(self, name: str) -> VariantConfig:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per error: 'field.path: message (got value)'."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        if not loc and not prefix:  # a whole-config check: its message starts with the fields it is about
+            lines.append(err.get("msg", "invalid").removeprefix("Value error, "))
+            continue
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if err.get("type") == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
+        if message.startswith((".", ":")):  # a validator that names its own sub-field after the location
+            lines.append(f"{loc}{message}")
+        else:
+            lines.append(f"{loc}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> ServeConfig:
+    """A ServeConfig from plain data (YAML/JSON); a ConfigError names every bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid serve config:\n{format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read a serve config YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the serve config: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def default_config() -> ServeConfig:
+    """The embedded digits model in two variants, bf16 and nf4, split 50/50, sticky by user."""
+    return ServeConfig(
+        variants=[VariantConfig(name="bf16", quantization="bf16"), VariantConfig(name="nf4", quantization="nf4")],
+        experiment=ExperimentConfig(weights={"bf16": 0.5, "nf4": 0.5}),
+    )

@@ -1,0 +1,73 @@
+"""Deploy a serve config on the Ray instance this process is connected to, the way `serve deploy` does.
+
+Deploying a Ray Serve config (rather than `serve.run` of a built application) lets Ray tell code changes from config
+changes: deploying again with only the experiment changed reconfigures the ABRouter in place, without restarting any
+replica. `quantserve serve` and the tests use it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray import serve
+
+from .app import ray_serve_config
+from .config import ServeConfig
+
+
+class DeployError(RuntimeError):
+    """The application did not reach RUNNING: the message carries Ray Serve's reason."""
+
+
+def start_serve(cfg: ServeConfig) -> Any:
+    """Start Ray Serve's controller and HTTP proxy (if not running yet) on cfg.http; returns the Serve client."""
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    return _get_global_client()
+
+
+def submit(cfg: ServeConfig) -> None:
+    """Hand the config to Ray Serve's controller (returns at once; see `wait_running`)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    client = start_serve(cfg)
+    client.deploy_apps(ServeDeploySchema.model_validate(ray_serve_config(cfg)))
+
+
+def app_status(app_name: str) -> tuple[str, str]:
+    """(status, message) of an application, with the messages of its unhealthy deployments."""
+    status = serve.status()
+    app = status.applications.get(app_name)
+    if app is None:
+        return "NOT_STARTED", ""
+    messages = [app.message] if app.message else []
+    for name, d in app.deployments.items():
+        if d.message and str(getattr(d.status, "value", d.status)) != "HEALTHY":
+            messages.append(f"{name}: {d.message}")
+    return str(getattr(app.status, "value", app.status)), "\n".join(messages)
+
+
+def wait_running(app_name: str, timeout_s: float = 600.0, stop: Callable[[], bool] | None = None,
+                 poll_s: float = 0.5) -> None:
+    """Block until the application is RUNNING; DeployError when it fails, times out, or `stop()` turns true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, message = app_status(app_name)
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeployError(f"application {app_name!r} is {status}: {message}")
+        if stop is not None and stop():
+            raise DeployError(f"application {app_name!r}: stopped while {status}")
+        if time.monotonic() > deadline:
+            raise DeployError(f"application {app_name!r} not running after {timeout_s:.0f} s (status {status}): {message}")
+        time.sleep(poll_s)
+
+
+def deploy(cfg: ServeConfig, timeout_s: float = 600.0, stop: Callable[[], bool] | None = None) -> None:
+    """Submit the config and wait until the application runs."""
+    submit(cfg)
+    wait_running(cfg.app_name, timeout_s, stop)

@@ -1,0 +1,184 @@
+"""The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API.
+
+POST /v1/images/generations, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz, GET /readyz.
+Every response carries X-Quantserve-Variant (the variant that served it, or 'none').
+No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations of the methods.
+"""
+
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .ab import FORCE_HEADER
+from .api_schema import RequestError, error_body, parse_body, to_job
+from .config import LimitsConfig
+from .generation import new_error_id
+from .metrics import IngressMetrics
+
+logger = logging.getLogger("quantserve.serve")
+
+VARIANT_HEADER = "X-Quantserve-Variant"
+NO_VARIANT = "none"
+MAX_FORWARDED_HEADERS = 32
+PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # never passed to the router
+
+app = FastAPI(title="quantserve", version="0.1.0",
+              description="Quantized diffusion models behind an A/B router; OpenAI images API compatible.")
+
+
+@app.middleware("http")
+async def _variant_header(request: Request, call_next: Any) -> Response:
+    """Make sure every response names its variant ('none' when no variant served it)."""
+    response = await call_next(request)
+    response.headers.setdefault(VARIANT_HEADER, NO_VARIANT)
+    return response
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods get OpenAI-shaped errors too."""
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(error_body(message, exc.status_code, code="not_found" if exc.status_code == 404 else None),
+                        status_code=exc.status_code, headers={VARIANT_HEADER: NO_VARIANT})
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid')}", 422, param or None), status_code=422,
+                        headers={VARIANT_HEADER: NO_VARIANT})
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) to read more than `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body: {declared} bytes is over the limit of {limit}", "body", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body: over the limit of {limit} bytes", "body", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+@serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class Ingress:
+    """Validates requests, hands them to the ABRouter, and shapes the answers."""
+
+    def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0):
+        self.router = router
+        self.limits = LimitsConfig.model_validate(limits)
+        self.request_timeout_s = request_timeout_s
+        self.metrics = IngressMetrics()
+
+    def _error(self, path: str, status: int, message: str, param: str | None = None, code: str | None = None,
+               variant: str = NO_VARIANT, error_id: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+        self.metrics.responded(path, status, variant)
+        all_headers = {VARIANT_HEADER: variant, **(headers or {})}
+        if error_id:
+            all_headers["X-Quantserve-Error-Id"] = error_id
+        return JSONResponse(error_body(message, status, param, code, error_id), status_code=status, headers=all_headers)
+
+    @app.post("/v1/images/generations")
+    async def generations(self, request: Request) -> Response:
+        path = "/v1/images/generations"
+        try:
+            body = await read_bounded(request, self.limits.max_body_bytes)
+            req = parse_body(body, self.limits)
+        except RequestError as exc:
+            return self._error(path, exc.status, str(exc), exc.param, exc.code)
+        job = to_job(req, self.limits)
+        headers = dict([(k.lower(), v[:256]) for k, v in request.headers.items()
+                        if k.lower() not in PRIVATE_HEADERS][:MAX_FORWARDED_HEADERS])  # for a header sticky key
+        forced = request.headers.get(FORCE_HEADER)
+        response = self.router.generate.remote(job, model=req.model, forced=forced, user=req.user, headers=headers)
+        try:
+            outcome = await asyncio.wait_for(_awaited(response), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return self._error(path, 504, f"no answer within {self.request_timeout_s} s", code="timeout")
+        except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
+            return self._internal_error(path, "the router")
+        return self._answer(path, req, job, outcome)
+
+    def _answer(self, path: str, req: Any, job: dict[str, Any], outcome: dict[str, Any]) -> Response:
+        status = outcome["status"]
+        variant = outcome.get("variant", NO_VARIANT)
+        if status != 200:
+            headers = {"Retry-After": str(outcome.get("retry_after_s", 1))} if status == 503 else None
+            return self._error(path, status, outcome.get("message", "error"), outcome.get("param"),
+                               outcome.get("code"), variant, outcome.get("error_id"), headers)
+        headers = {VARIANT_HEADER: variant, "X-Quantserve-Assignment": outcome.get("assignment", ""),
+                   "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"])}
+        self.metrics.responded(path, 200, variant)
+        if req.response_format == "png":
+            return Response(outcome["images"][0], media_type="image/png", headers=headers)
+        body = {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": None}
+                     for png in outcome["images"]],
+            "output_format": "png",
+            "size": f"{job['size']}x{job['size']}",
+            "model": variant,
+            "quantserve": {"variant": variant, "assignment": outcome.get("assignment"), "seed": job["seed"],
+                           "steps": job["steps"], "guidance": job["guidance"], "replica": outcome.get("replica"),
+                           "labels": outcome.get("labels")},
+        }
+        return JSONResponse(body, headers=headers)
+
+    def _internal_error(self, path: str, what: str) -> JSONResponse:
+        error_id = new_error_id()
+        logger.exception("error %s: %s failed", error_id, what)
+        return self._error(path, 500, f"internal error (error id {error_id})", code="internal_error", error_id=error_id)
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        try:
+            variants = await self.router.models.remote()
+        except Exception:  # noqa: BLE001 - a 500 with an id, never a bare traceback
+            return self._internal_error("/v1/models", "listing the models")
+        data = [{"object": "model", "owned_by": "quantserve", "created": int(v.get("started", 0) or 0), **v}
+                for v in variants]
+        self.metrics.responded("/v1/models", 200, NO_VARIANT)
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/ab")
+    async def experiment(self) -> JSONResponse:
+        try:
+            state = await self.router.state.remote()
+        except Exception:  # noqa: BLE001
+            return self._internal_error("/v1/ab", "reading the experiment")
+        self.metrics.responded("/v1/ab", 200, NO_VARIANT)
+        return JSONResponse(state)
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            readiness = await asyncio.wait_for(self.router.readiness.remote(), 10.0)
+        except Exception as exc:  # noqa: BLE001 - not ready, with the reason
+            readiness = {"ready": False, "error": f"{type(exc).__name__}: {exc}"[:300], "variants": {}}
+        status = 200 if readiness.get("ready") else 503
+        self.metrics.responded("/readyz", status, NO_VARIANT)
+        return JSONResponse(readiness, status_code=status)

@@ -1,0 +1,91 @@
+"""quantserve's metrics, through ray.serve.metrics: Ray's metrics agent exports them for Prometheus.
+
+Ray prefixes each name with `ray_` (and counters get `_total`), so `quantserve_images` is scraped as
+`ray_quantserve_images_total`. Every model metric carries variant, backend, scheme and kernel; Ray Serve adds
+deployment, replica and application.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+MODEL_TAGS = ("variant", "backend", "scheme", "kernel")
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+DIFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class VariantMetrics:
+    """The metrics one Diffusion replica records, all labelled with its variant, backend, scheme and kernel."""
+
+    def __init__(self, variant: str, backend: str, scheme: str, kernel: str):
+        self.tags = {"variant": variant, "backend": backend, "scheme": scheme, "kernel": kernel}
+        self.requests = Counter("quantserve_requests", description="Generation requests a replica answered, by HTTP status.",
+                                tag_keys=MODEL_TAGS + ("status",))
+        self.images = Counter("quantserve_images", description="Images generated.", tag_keys=MODEL_TAGS)
+        self.steps = Counter("quantserve_denoising_steps",
+                             description="Denoising steps run, counted per image (steps x images).", tag_keys=MODEL_TAGS)
+        self.request_latency = Histogram("quantserve_request_latency_seconds",
+                                         description="Time from a request's arrival at the replica to its images.",
+                                         boundaries=LATENCY_BUCKETS, tag_keys=MODEL_TAGS)
+        self.step_latency = Histogram("quantserve_step_latency_seconds",
+                                      description="Wall time of one denoising step of a batch.",
+                                      boundaries=STEP_BUCKETS, tag_keys=MODEL_TAGS)
+        self.images_per_second = Gauge("quantserve_images_per_second",
+                                       description="Images per second of the replica's last batch.", tag_keys=MODEL_TAGS)
+        self.gemm_gflops = Gauge("quantserve_gemm_gflops",
+                                 description="Quantized-GEMM throughput per kernel, from sampled timing of the layers.",
+                                 tag_keys=MODEL_TAGS)
+        self.gemm_calls = Counter("quantserve_gemm_sampled_calls",
+                                  description="GEMM layer calls timed by the sampler.", tag_keys=MODEL_TAGS)
+        self.model_bytes = Gauge("quantserve_model_bytes", description="Bytes of the loaded model (weights and buffers).",
+                                 tag_keys=MODEL_TAGS)
+        for metric in (self.requests, self.images, self.steps, self.request_latency, self.step_latency,
+                       self.images_per_second, self.gemm_gflops, self.gemm_calls, self.model_bytes):
+            metric.set_default_tags(dict(self.tags))  # Ray Serve adds its own tags to the dict it is given
+
+    def with_kernel(self, backend: str, kernel: str) -> dict[str, str]:
+        """Tags for a per-kernel series (GEMM throughput), which may differ from the variant's main kernel."""
+        return {**self.tags, "backend": backend, "kernel": kernel}
+
+
+class RouterMetrics:
+    """A/B assignments and shadow comparisons, recorded by the ABRouter."""
+
+    def __init__(self, schemes: Mapping[str, str]):
+        self.schemes = dict(schemes)
+        self.assignments = Counter("quantserve_ab_assignments", description="Requests assigned to each variant, by reason.",
+                                   tag_keys=("variant", "scheme", "reason"))
+        self.shadow_diff = Histogram("quantserve_shadow_pixel_diff",
+                                     description="Mean absolute pixel difference (0..1) between a response and its shadow.",
+                                     boundaries=DIFF_BUCKETS, tag_keys=("variant", "scheme", "shadow_variant", "shadow_scheme"))
+        self.shadow_runs = Counter("quantserve_shadow_runs", description="Shadow runs, by outcome.",
+                                   tag_keys=("variant", "shadow_variant", "outcome"))
+        self.rejections = Counter("quantserve_rejected_requests",
+                                  description="Requests turned away because a variant's queue was full (503).",
+                                  tag_keys=("variant", "scheme"))
+
+    def assigned(self, variant: str, reason: str) -> None:
+        self.assignments.inc(tags={"variant": variant, "scheme": self.schemes.get(variant, ""), "reason": reason})
+
+    def shadowed(self, variant: str, shadow: str, diff: float | None, outcome: str) -> None:
+        self.shadow_runs.inc(tags={"variant": variant, "shadow_variant": shadow, "outcome": outcome})
+        if diff is not None:
+            self.shadow_diff.observe(diff, tags={"variant": variant, "scheme": self.schemes.get(variant, ""),
+                                                 "shadow_variant": shadow, "shadow_scheme": self.schemes.get(shadow, "")})
+
+    def rejected(self, variant: str) -> None:
+        self.rejections.inc(tags={"variant": variant, "scheme": self.schemes.get(variant, "")})
+
+
+class IngressMetrics:
+    """HTTP responses by route and status, labelled with the variant that served them ('none' when none did)."""
+
+    def __init__(self) -> None:
+        self.responses = Counter("quantserve_http_responses", description="HTTP responses of the ingress.",
+                                 tag_keys=("path", "status", "variant"))
+
+    def responded(self, path: str, status: int, variant: str) -> None:
+        self.responses.inc(tags={"path": path, "status": str(status), "variant": variant})

@@ -1,0 +1,164 @@
+"""The ABRouter deployment: assigns each request to a variant, calls that variant's Diffusion deployment, and mirrors
+a sampled share onto the shadow variant after the response, recording how far the shadow's pixels are.
+
+The experiment (weights, salt, sticky key, shadow) is the deployment's user_config: Ray Serve calls `reconfigure`
+with a new one without restarting the replica (a lightweight update), so weights change live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+from .ab import Splitter, UnknownVariantError
+from .config import ExperimentConfig, format_validation_error
+from .fidelity import pixel_difference
+from .generation import error_outcome
+from .metrics import RouterMetrics
+
+logger = logging.getLogger("quantserve.serve")
+
+RECENT_SHADOWS = 20
+INFO_TIMEOUT_S = 10.0
+
+
+@serve.deployment(name="ABRouter", graceful_shutdown_timeout_s=5)
+class ABRouter:
+    """Routes jobs to the Diffusion deployments by the experiment in its user_config."""
+
+    def __init__(self, schemes: dict[str, str], deployments: dict[str, str], handles: dict[str, Any],
+                 retry_after_s: int = 1):
+        self.names = list(schemes)
+        self.schemes = dict(schemes)
+        self.deployments = dict(deployments)
+        self.handles = dict(handles)
+        self.retry_after_s = retry_after_s
+        self.splitter = Splitter(self.names, {name: 1.0 for name in self.names})
+        self.generation = 0
+        self.metrics = RouterMetrics(schemes)
+        self.counts: dict[str, Counter[str]] = {name: Counter() for name in self.names}
+        self.shadow_tasks: set[asyncio.Task] = set()
+        self.shadow_counts: Counter[str] = Counter()
+        self.shadow_diffs: deque[dict[str, Any]] = deque(maxlen=RECENT_SHADOWS)
+        self.shadow_sum = 0.0
+        context = serve.get_replica_context()
+        self.app_name = context.app_name
+        self.replica = context.replica_id.unique_id
+        self.started = time.time()
+
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        """Apply a new experiment; an invalid one raises, and Ray keeps the deployment on the old one."""
+        from pydantic import ValidationError
+
+        try:
+            experiment = ExperimentConfig.model_validate(dict(user_config or {}))
+        except ValidationError as exc:
+            raise ValueError("ABRouter user_config: " + format_validation_error(exc, "experiment.")) from None
+        experiment.check(self.names)
+        self.splitter = Splitter(self.names, experiment.resolved_weights(self.names), experiment.salt,
+                                 experiment.sticky_key, experiment.shadow.variant, experiment.shadow.sample_rate)
+        self.generation += 1
+        logger.info("experiment %d: %s", self.generation, self.splitter.describe())
+
+    async def generate(self, job: dict[str, Any], model: str | None = None, forced: str | None = None,
+                       user: str | None = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Assign, generate, maybe shadow; always returns an outcome dict with a status (never raises)."""
+        splitter = self.splitter  # one experiment for the whole request, even if reconfigured meanwhile
+        try:
+            assignment = splitter.assign(requested=model, forced=forced, sticky_id=splitter.sticky_id(user, headers))
+        except UnknownVariantError as exc:
+            param = "model" if exc.field_name == "model" else exc.field_name
+            return {"status": 404, "param": param, "message": str(exc), "code": "model_not_found"}
+        self.metrics.assigned(assignment.variant, assignment.reason)
+        self.counts[assignment.variant][assignment.reason] += 1
+        outcome = await self._call(assignment.variant, job)
+        outcome["variant"] = assignment.variant
+        outcome["assignment"] = assignment.reason
+        if outcome["status"] == 200 and (shadow := splitter.shadow_for(assignment)) is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(assignment.variant, shadow, job, outcome["images"]))
+            self.shadow_tasks.add(task)
+            task.add_done_callback(self.shadow_tasks.discard)
+        return outcome
+
+    async def _call(self, variant: str, job: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.handles[variant].generate.remote(job)
+        except (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            self.metrics.rejected(variant)
+            return {"status": 503, "retry_after_s": self.retry_after_s, "code": "overloaded",
+                    "message": f"variant {variant} is at capacity (its queue is full); retry after "
+                               f"{self.retry_after_s} s ({type(exc).__name__})"}
+        except Exception as exc:  # noqa: BLE001 - an error in a replica is a 500 with an id, never silence
+            return error_outcome(exc, f"variant {variant}")
+
+    async def _shadow(self, variant: str, shadow: str, job: dict[str, Any], images: list[bytes]) -> None:
+        """Run the same job (same seed) on the shadow variant and record the pixel difference."""
+        outcome = await self._call(shadow, job)
+        if outcome["status"] != 200:
+            kind = "dropped" if outcome["status"] == 503 else "error"
+            self.shadow_counts[kind] += 1
+            self.metrics.shadowed(variant, shadow, None, kind)
+            return
+        try:
+            diff = await asyncio.to_thread(pixel_difference, images, outcome["images"])
+        except Exception as exc:  # noqa: BLE001
+            error_outcome(exc, f"shadow comparison {variant} vs {shadow}")
+            self.shadow_counts["error"] += 1
+            self.metrics.shadowed(variant, shadow, None, "error")
+            return
+        self.shadow_counts["ok"] += 1
+        self.shadow_sum += diff
+        self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": diff,
+                                  "seed": job["seed"], "n": job["n"], "time": time.time()})
+        self.metrics.shadowed(variant, shadow, diff, "ok")
+
+    async def state(self) -> dict[str, Any]:
+        """The live experiment, assignment counts and shadow results (GET /v1/ab)."""
+        ok = self.shadow_counts["ok"]
+        return {
+            "experiment": self.splitter.describe(),
+            "generation": self.generation,
+            "router": {"replica": self.replica, "pid": os.getpid(), "started": self.started},
+            "assignments": {name: dict(c) for name, c in self.counts.items()},
+            "shadow": {"runs": dict(self.shadow_counts), "in_flight": len(self.shadow_tasks),
+                       "mean_pixel_diff": self.shadow_sum / ok if ok else None, "recent": list(self.shadow_diffs)},
+        }
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable."""
+        async def one(name: str) -> dict[str, Any]:
+            try:
+                info = await asyncio.wait_for(self.handles[name].info.remote(), INFO_TIMEOUT_S)
+                return {**info, "available": True}
+            except Exception as exc:  # noqa: BLE001 - listing must not fail because one variant is busy or down
+                return {"id": name, "scheme": self.schemes[name], "available": False,
+                        "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return list(await asyncio.gather(*(one(name) for name in self.names)))
+
+    async def readiness(self) -> dict[str, Any]:
+        """Per variant: its deployment's status and running replicas; ready when every variant has one."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[self.app_name].deployments
+        except Exception as exc:  # noqa: BLE001
+            return {"ready": False, "error": f"cannot read Serve status: {type(exc).__name__}: {exc}"[:300], "variants": {}}
+        variants = {}
+        for name in self.names:
+            d = deployments.get(self.deployments[name])
+            running = int(d.replica_states.get("RUNNING", 0)) if d is not None else 0
+            variants[name] = {"status": str(getattr(d.status, "value", d.status)) if d else "MISSING",
+                              "running_replicas": running, "ready": running > 0}
+        return {"ready": all(v["ready"] for v in variants.values()), "variants": variants}

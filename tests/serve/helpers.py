@@ -1,0 +1,69 @@
+"""Helpers shared by the serve tests: free ports, the test app's config, HTTP with bounded waits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+# Another digits-format model directory to serve instead of the embedded one (None: the embedded model).
+MODEL_DIR = os.environ.get("QUANTSERVE_SERVE_TEST_MODEL") or None
+APP_NAME = "quantserve-test"
+FAIL_SEED = 13  # the "tight" variant fails requests with this seed (its fail_on_seed)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at the moment (never 8000: the test picks what the OS hands out)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_test_config(port: int, **experiment: Any) -> dict[str, Any]:
+    """Three variants on the test's model: bf16 and nf4 split 50/50, and 'tight' (weight 0) with a queue of one
+    and a fail_on_seed, for the 503 and 500 tests. Replicas reserve no CPU: on 2 cores, 1 CPU each would never fit."""
+    common = {"model": MODEL_DIR, "resources": {"num_cpus": 0, "torch_threads": 1}}
+    exp = {"weights": {"bf16": 0.5, "nf4": 0.5}, "salt": "test-salt", "sticky_key": "user"}
+    exp.update(experiment)
+    return {
+        "app_name": APP_NAME,
+        "variants": [
+            {"name": "bf16", "quantization": "bf16", "gemm_sample_every": 1, **common},
+            {"name": "nf4", "quantization": "nf4", "gemm_sample_every": 1, **common},
+            {"name": "tight", "quantization": "bf16", "max_ongoing_requests": 1, "max_queued_requests": 1,
+             "fail_on_seed": FAIL_SEED, "gemm_sample_every": 0, **common},
+        ],
+        "experiment": exp,
+        "http": {"host": "127.0.0.1", "port": port},
+        "limits": {"max_steps": 200, "max_n": 4},
+        "retry_after_s": 2,
+        "request_timeout_s": 60,
+    }
+
+
+def decode_b64_png(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.5) -> Any:
+    """Poll until `condition()` returns something truthy; fail the test with `what` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")

@@ -1,0 +1,118 @@
+"""The serve config: defaults, the example file, errors that name the field, the builder and the Ray Serve form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from quantserve.serve.app import (
+    IMPORT_PATH,
+    build_app,
+    config_from_args,
+    ray_serve_config,
+)
+from quantserve.serve.config import (
+    ConfigError,
+    default_config,
+    load_config,
+    parse_config,
+)
+from quantserve.serve.kernel_policy import validate_kernel_policy
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "serve.yaml"
+
+
+def test_default_config_is_the_embedded_model_in_bf16_and_nf4_split_evenly() -> None:
+    cfg = default_config()
+    assert cfg.variant_names == ["bf16", "nf4"]
+    assert [v.model for v in cfg.variants] == [None, None]
+    assert [v.quantization_spec() for v in cfg.variants] == [None, "nf4"]
+    assert cfg.experiment.resolved_weights(cfg.variant_names) == {"bf16": 0.5, "nf4": 0.5}
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.variant_names == ["bf16", "nf4"]
+    assert cfg.variant("nf4").autoscaling.max_replicas == 2
+    assert cfg.experiment.sticky_key == "user"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"variants": []}, "variants: List should have at least 1 item"),
+    ({}, "variants: Field required"),
+    ({"variants": [{"name": "a", "quantization": "nf5"}]}, "variants.0.quantization: unknown scheme 'nf5'"),
+    ({"variants": [{"name": "a", "quantization": {"quant_method": "nope"}}]}, "variants.0.quantization"),
+    ({"variants": [{"name": "a b"}]}, "variants.0.name: String should match pattern"),
+    ({"variants": [{"name": "a", "colour": 1}]}, "variants.0.colour: Extra inputs are not permitted"),
+    ({"variants": [{"name": "a", "max_queued_requests": -1}]}, "variants.0.max_queued_requests"),
+    ({"variants": [{"name": "a", "resources": {"num_cpus": -1}}]}, "variants.0.resources.num_cpus"),
+    ({"variants": [{"name": "a", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]},
+     "variants.0.autoscaling: max_replicas (2) must be >= min_replicas (3)"),
+    ({"variants": [{"name": "a", "kernel_policy": {"force": {"attn": "no such kernel"}}}]},
+     "variants.0.kernel_policy.force.attn: expected a kernel name"),
+    ({"variants": [{"name": "a", "kernel_policy": {"disable": {"attn": []}}}]},
+     "variants.0.kernel_policy.disable.attn: expected a non-empty list"),
+    ({"variants": [{"name": "a", "kernel_policy": {"prefer": {}}}]}, "variants.0.kernel_policy: unknown key(s) 'prefer'"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "variants: duplicate name(s) a"),
+    ({"variants": [{"name": "a"}], "experiment": {"weights": {"b": 1}}}, "experiment.weights: unknown variant(s) 'b'"),
+    ({"variants": [{"name": "a"}], "experiment": {"weights": {"a": -1}}}, "experiment.weights"),
+    ({"variants": [{"name": "a"}], "experiment": {"weights": {"a": 0}}}, "experiment.weights: at least one variant"),
+    ({"variants": [{"name": "a"}], "experiment": {"shadow": {"variant": "z"}}}, "experiment.shadow.variant: unknown variant 'z'"),
+    ({"variants": [{"name": "a"}], "experiment": {"shadow": {"sample_rate": 2}}}, "experiment.shadow.sample_rate"),
+    ({"variants": [{"name": "a"}], "experiment": {"sticky_key": "cookie"}}, "experiment.sticky_key: got 'cookie'"),
+    ({"variants": [{"name": "a"}], "http": {"port": 70000}}, "http.port"),
+    ({"variants": [{"name": "a"}], "limits": {"max_n": 0}}, "limits.max_n"),
+    ({"variants": [{"name": "a", "batching": {"max_batch_images": 2}}], "limits": {"max_n": 4}},
+     "variants.0.batching.max_batch_images (2) must be >= limits.max_n (4)"),
+])
+def test_errors_name_the_field(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert message in str(info.value), str(info.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)
+
+
+def test_builder_takes_nothing_a_file_or_an_inline_config(tmp_path: Path) -> None:
+    assert isinstance(build_app({}), Application)
+    assert config_from_args({"config": str(EXAMPLE)}).variant_names == ["bf16", "nf4"]
+    inline = config_from_args({"variants": [{"name": "only", "quantization": "int8wo"}]})
+    assert inline.variant_names == ["only"]
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        config_from_args({"config": str(EXAMPLE), "app_name": "x"})
+
+
+def test_ray_serve_config_keeps_the_experiment_out_of_the_code_version() -> None:
+    cfg = default_config()
+    ray_cfg = ray_serve_config(cfg)
+    ServeDeploySchema.model_validate(ray_cfg)  # Ray's own schema accepts it
+    app = ray_cfg["applications"][0]
+    assert app["import_path"] == IMPORT_PATH
+    assert "experiment" not in app["args"] and "http" not in app["args"]
+    assert app["deployments"] == [{"name": "ABRouter", "user_config": cfg.experiment.model_dump(mode="json")}]
+    assert ray_cfg["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    # the builder takes the args back (the router's user_config then overrides the default experiment)
+    assert config_from_args(app["args"]).variant_names == cfg.variant_names
+    yaml.safe_dump(ray_cfg)  # plain data: writes as a Ray Serve config file
+
+
+def test_kernel_policy_normal_form() -> None:
+    policy = validate_kernel_policy({"force": {"proj_out_*": "reference"}, "disable": {"*attn1*": "native"}})
+    assert policy == {"force": {"proj_out_*": "reference"}, "disable": {"*attn1*": ["native"]}}
+    assert validate_kernel_policy({}) == {} and validate_kernel_policy(None) == {}
+    with pytest.raises(ValueError, match="expected a mapping"):
+        validate_kernel_policy(["native"])

@@ -1,0 +1,122 @@
+"""A variant in a replica, without Ray: loading through quantserve, batching, per-job outcomes, GEMM sampling."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import torch
+from PIL import Image
+from quantserve.serve.config import VariantConfig
+from quantserve.serve.fidelity import pixel_difference
+from quantserve.serve.gemm_probe import GemmProbe
+from quantserve.serve.generation import (
+    BatchGenerator,
+    LoadedVariant,
+    encode_png,
+    load_variant,
+)
+
+from .helpers import MODEL_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """As a replica runs (torch_threads: 1): two threads on two busy cores only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bf16() -> LoadedVariant:
+    return load_variant(VariantConfig(name="bf16", model=MODEL_DIR, quantization="bf16"))
+
+
+@pytest.fixture(scope="module")
+def nf4() -> LoadedVariant:
+    return load_variant(VariantConfig(name="nf4", model=MODEL_DIR, quantization="nf4"))
+
+
+def job(prompt: str = "7", n: int = 1, size: int = 16, steps: int = 4, guidance: float = 1.0, seed: int = 0) -> dict:
+    return {"prompt": prompt, "n": n, "size": size, "steps": steps, "guidance": guidance, "seed": seed}
+
+
+def test_loaded_variants_report_scheme_bytes_and_kernels(bf16: LoadedVariant, nf4: LoadedVariant) -> None:
+    b, q = bf16.info(), nf4.info()
+    assert (b["scheme"], b["backend"], b["kernel"], b["quantization_config"]) == ("bf16", "none", "torch", None)
+    assert (q["scheme"], q["backend"]) == ("nf4", "bitsandbytes")
+    assert q["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert q["layers"]["quantized"] == q["layers"]["total"] > 0
+    assert q["model_bytes"] < b["model_bytes"] / 2
+
+
+def test_a_batch_gives_each_job_what_the_pipeline_gives_it_alone(nf4: LoadedVariant) -> None:
+    jobs = [job("7", n=2, seed=3), job("three", n=1, size=32, seed=5), job("1", steps=2, guidance=2.0, seed=8)]
+    outcomes, stats = BatchGenerator(nf4.pipe).run(jobs)
+    assert [o["status"] for o in outcomes] == [200, 200, 200]
+    assert [o["labels"] for o in outcomes] == [[7, 7], [3], [1]]
+    assert stats.images == 4 and len(stats.step_seconds) == 4 + 2  # two groups: (4 steps, 1.0) and (2 steps, 2.0)
+    for j, outcome in zip(jobs, outcomes):
+        alone = nf4.pipe([j["prompt"]] * j["n"], seed=j["seed"], num_inference_steps=j["steps"],
+                         guidance_scale=j["guidance"], image_size=j["size"])
+        assert pixel_difference(outcome["images"], [encode_png(im) for im in alone.images]) < 0.02
+        assert Image.open(io.BytesIO(outcome["images"][0])).size == (j["size"], j["size"])
+
+
+def test_one_bad_job_does_not_fail_its_batch(bf16: LoadedVariant) -> None:
+    generator = BatchGenerator(bf16.pipe, fail_on_seed=13)
+    outcomes, _ = generator.run([job(seed=1), job("a cat"), job(seed=13), job("2", seed=2)])
+    assert [o["status"] for o in outcomes] == [200, 422, 500, 200]
+    assert outcomes[1]["param"] == "prompt" and "a cat" in outcomes[1]["message"]
+    assert outcomes[2]["error_id"] in outcomes[2]["message"]
+    generator.health()
+
+
+def test_gemm_probe_times_the_layers_by_backend_and_kernel(bf16: LoadedVariant, nf4: LoadedVariant) -> None:
+    for loaded, key in ((bf16, ("dense", "torch")), (nf4, ("bitsandbytes", "native"))):
+        probe = GemmProbe(loaded.pipe.transformer, every=2)
+        generator = BatchGenerator(loaded.pipe, probe=probe)
+        _, sampled = generator.run([job()])
+        _, skipped = generator.run([job()])
+        assert set(sampled.gemm) == {key}
+        sample = sampled.gemm[key]
+        assert sample.calls > 0 and sample.flops > 0 and sample.gflops > 0
+        assert skipped.gemm == {}
+    assert not GemmProbe(bf16.pipe.transformer, every=0).due()
+
+
+def test_kernel_policy_reaches_the_router() -> None:
+    config = VariantConfig(name="ref", model=MODEL_DIR, quantization="nf4",
+                           kernel_policy={"force": {"transformer_blocks.0.*": "reference"}})
+    loaded = load_variant(config)
+    forced = [layer for layer in loaded.report.layers if layer.name.startswith("transformer_blocks.0.")]
+    assert forced and all(layer.kernel == "reference" for layer in forced)
+    others = [layer for layer in loaded.report.layers if not layer.name.startswith("transformer_blocks.0.")]
+    assert all(layer.kernel != "reference" for layer in others)
+    assert loaded.info()["layers"]["kernels"]["reference"] == len(forced)
+    assert sum(loaded.info()["layers"]["kernel_reasons"].values()) == len(loaded.report.quantized_layers)
+    outcomes, _ = BatchGenerator(loaded.pipe).run([job()])
+    assert outcomes[0]["status"] == 200
+
+
+def test_a_kernel_the_runtime_does_not_know_fails_the_load_naming_the_policy() -> None:
+    config = VariantConfig(name="typo", model=MODEL_DIR, quantization="nf4", kernel_policy={"force": {"*": "refrence"}})
+    with pytest.raises(ValueError, match=r"kernel_policy\.force\['\*'\]: unknown kernel 'refrence'"):
+        load_variant(config)
+
+
+def test_a_missing_model_directory_names_the_variant(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"variants\[gone\]\.model: .* has no transformer/"):
+        load_variant(VariantConfig(name="gone", model=str(tmp_path)))
+
+
+def test_pixel_difference() -> None:
+    black = encode_png(Image.new("L", (8, 8), 0))
+    white = encode_png(Image.new("L", (8, 8), 255))
+    assert pixel_difference([black], [black]) == 0.0
+    assert pixel_difference([black, black], [white, black]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="equal"):
+        pixel_difference([black], [])

@@ -1,0 +1,299 @@
+"""End to end over real HTTP against the running test app: generation, models, health, errors, A/B, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import RunningApp
+from .helpers import FAIL_SEED, decode_b64_png, wait_for
+
+VARIANT = "X-Quantserve-Variant"
+FORCE = "X-Quantserve-Force-Variant"
+
+
+def test_generation_returns_decodable_pngs_of_the_requested_size(app: RunningApp) -> None:
+    r = app.post({"prompt": "7", "n": 2, "size": "32x32", "steps": 5, "seed": 11})
+    assert r.status_code == 200, r.text
+    assert r.headers[VARIANT] in ("bf16", "nf4")
+    body = r.json()
+    assert isinstance(body["created"], int)
+    assert len(body["data"]) == 2
+    for item in body["data"]:
+        image = decode_b64_png(item["b64_json"])
+        assert image.format == "PNG" and image.size == (32, 32)
+    assert body["quantserve"]["seed"] == 11 and body["quantserve"]["steps"] == 5
+    assert body["quantserve"]["labels"] == [7, 7]
+    assert body["model"] == r.headers[VARIANT]
+    assert r.headers["X-Quantserve-Replica"]
+
+
+def test_png_response_format_returns_the_image_itself(app: RunningApp) -> None:
+    r = app.post({"prompt": "seven", "size": "16x16", "steps": 3, "response_format": "png"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers[VARIANT] in ("bf16", "nf4")
+    assert Image.open(io.BytesIO(r.content)).size == (16, 16)
+
+
+def test_same_seed_and_variant_give_the_same_image(app: RunningApp) -> None:
+    body = {"prompt": "3", "steps": 4, "seed": 5, "size": "8x8"}
+    first = app.post(body, headers={FORCE: "nf4"}).json()["data"][0]["b64_json"]
+    second = app.post(body, headers={FORCE: "nf4"}).json()["data"][0]["b64_json"]
+    assert first == second
+
+
+def test_models_lists_every_variant_with_scheme_bytes_and_kernels(app: RunningApp) -> None:
+    r = app.get("/v1/models")
+    assert r.status_code == 200 and r.headers[VARIANT] == "none"
+    models = {m["id"]: m for m in r.json()["data"]}
+    assert set(models) == {"bf16", "nf4", "tight"}
+    bf16, nf4 = models["bf16"], models["nf4"]
+    assert all(m["available"] and m["object"] == "model" for m in models.values())
+    assert bf16["quantization_config"] is None and bf16["backend"] == "none"
+    assert nf4["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert nf4["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert 0 < nf4["model_bytes"] < bf16["model_bytes"] / 2
+    assert nf4["layers"]["quantized"] == nf4["layers"]["total"] > 0
+    assert sum(nf4["layers"]["kernels"].values()) == nf4["layers"]["total"]
+    assert bf16["layers"]["kernels"] == {"torch": bf16["layers"]["total"]}
+
+
+def test_health_and_readiness(app: RunningApp) -> None:
+    health = app.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"} and health.headers[VARIANT] == "none"
+    ready = app.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["ready"] is True
+    assert set(body["variants"]) == {"bf16", "nf4", "tight"}
+    assert all(v["running_replicas"] >= 1 for v in body["variants"].values())
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    (b"{not json", 400, "body"),
+    (b"[1, 2]", 400, "body"),
+    ({"prompt": "7", "colour": "red"}, 422, "colour"),
+    ({"n": 1}, 422, "prompt"),
+    ({"prompt": "7", "n": 5}, 422, "n"),
+    ({"prompt": "7", "n": 0}, 422, "n"),
+    ({"prompt": "7", "n": "2"}, 422, "n"),
+    ({"prompt": "7", "size": "64x32"}, 422, "size"),
+    ({"prompt": "7", "size": "4096x4096"}, 422, "size"),
+    ({"prompt": "7", "size": "big"}, 422, "size"),
+    ({"prompt": "7", "steps": 0}, 422, "steps"),
+    ({"prompt": "7", "steps": 201}, 422, "steps"),
+    ({"prompt": "7", "guidance": 1000}, 422, "guidance"),
+    ({"prompt": "7", "seed": -1}, 422, "seed"),
+    ({"prompt": "7", "response_format": "url"}, 422, "response_format"),
+    ({"prompt": "7", "n": 2, "response_format": "png"}, 422, "response_format"),
+    ({"prompt": "7", "stream": True}, 422, "stream"),
+    ({"prompt": "x" * 100}, 422, "prompt"),
+    ({"prompt": "a cat"}, 422, "prompt"),  # reaches a replica: the model knows digits only
+    ({"prompt": "7", "model": "no-such-variant"}, 404, "model"),
+    (b'{"prompt": "' + b"7" * 20000 + b'"}', 413, "body"),
+])
+def test_client_errors_name_the_field(app: RunningApp, body: object, status: int, field: str) -> None:
+    url = f"{app.url}/v1/images/generations"
+    if isinstance(body, bytes):
+        r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    else:
+        r = requests.post(url, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert VARIANT in r.headers
+    error = r.json()["error"]
+    assert field in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_forcing_an_unknown_variant_is_404(app: RunningApp) -> None:
+    r = app.post({"prompt": "7"}, headers={FORCE: "nope"})
+    assert r.status_code == 404
+    assert FORCE in r.json()["error"]["message"] and "bf16" in r.json()["error"]["message"]
+    assert r.headers[VARIANT] == "none"
+
+
+def test_unknown_route_is_404_with_the_variant_header(app: RunningApp) -> None:
+    r = app.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.headers[VARIANT] == "none"
+    assert "/v1/nothing-here" in r.json()["error"]["message"]
+
+
+def test_forced_variant_and_requested_model(app: RunningApp) -> None:
+    forced = app.post({"prompt": "1", "steps": 2}, headers={FORCE: "nf4"})
+    assert forced.headers[VARIANT] == "nf4" and forced.headers["X-Quantserve-Assignment"] == "forced"
+    requested = app.post({"prompt": "1", "steps": 2, "model": "bf16"})
+    assert requested.headers[VARIANT] == "bf16" and requested.headers["X-Quantserve-Assignment"] == "requested"
+    both = app.post({"prompt": "1", "steps": 2, "model": "bf16"}, headers={FORCE: "nf4"})
+    assert both.headers[VARIANT] == "nf4"  # the header wins over the body
+
+
+def test_assignment_is_sticky_by_user_and_split_between_variants(app: RunningApp) -> None:
+    def variant_of(user: str) -> str:
+        r = app.post({"prompt": "2", "steps": 1, "size": "8x8", "user": user})
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Quantserve-Assignment"] == "sticky"
+        return r.headers[VARIANT]
+
+    assert len({variant_of("alice") for _ in range(4)}) == 1
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(variant_of, [f"user-{i}" for i in range(30)]))
+    assert set(seen) == {"bf16", "nf4"}  # 50/50: all 30 on one side has odds 2**-29
+    again = [variant_of(f"user-{i}") for i in range(5)]
+    assert again == seen[:5]
+
+
+def test_full_queue_gives_503_with_retry_after_and_recovers(app: RunningApp) -> None:
+    """'tight' runs one request and queues one: the rest of a burst must be turned away at once, not hang."""
+    def call(_: int) -> requests.Response:
+        return app.post({"prompt": "4", "n": 4, "steps": 200}, headers={FORCE: "tight"})
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(8)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] == "2"
+            assert r.headers[VARIANT] == "tight"
+            assert "queue" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 60
+    assert app.post({"prompt": "4", "steps": 2}, headers={FORCE: "tight"}).status_code == 200
+
+
+def test_exception_in_a_replica_is_500_with_an_error_id_and_the_replica_keeps_serving(app: RunningApp) -> None:
+    before = app.post({"prompt": "5", "steps": 2}, headers={FORCE: "tight"})
+    assert before.status_code == 200
+    failed = app.post({"prompt": "5", "steps": 2, "seed": FAIL_SEED}, headers={FORCE: "tight"})
+    assert failed.status_code == 500
+    error = failed.json()["error"]
+    assert error["type"] == "server_error" and len(error["error_id"]) >= 8
+    assert error["error_id"] in error["message"]
+    assert failed.headers["X-Quantserve-Error-Id"] == error["error_id"]
+    assert failed.headers[VARIANT] == "tight"
+    after = app.post({"prompt": "5", "steps": 2}, headers={FORCE: "tight"})
+    assert after.status_code == 200
+    assert after.headers["X-Quantserve-Replica"] == before.headers["X-Quantserve-Replica"]
+
+
+def test_openai_client_works_unchanged(app: RunningApp) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="not-checked", max_retries=0)
+    result = client.images.generate(prompt="7", n=2, size="32x32", response_format="b64_json",
+                                    extra_body={"steps": 3, "seed": 1})
+    assert len(result.data) == 2
+    assert decode_b64_png(result.data[0].b64_json).size == (32, 32)
+    raw = client.images.with_raw_response.generate(prompt="8", model="nf4", extra_body={"steps": 2})
+    assert raw.headers[VARIANT] == "nf4"
+    assert base64.b64decode(raw.parse().data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(openai.UnprocessableEntityError, match="n: must be between"):
+        client.images.generate(prompt="7", n=9)
+    with pytest.raises(openai.NotFoundError, match="no variant 'dall-e-3'"):
+        client.images.generate(prompt="7", model="dall-e-3")
+    assert {m.id for m in client.models.list()} == {"bf16", "nf4", "tight"}
+
+
+def test_weights_change_live_without_restarting_replicas(app: RunningApp) -> None:
+    before_ab = app.get("/v1/ab").json()
+    before_models = {m["id"]: (m["replica"], m["pid"]) for m in app.get("/v1/models").json()["data"]}
+    with app.experiment(weights={"bf16": 0.0, "nf4": 1.0}) as state:
+        assert state["experiment"]["weights"]["bf16"] == 0.0
+        seen = {app.post({"prompt": "6", "steps": 1, "size": "8x8", "user": f"u{i}"}).headers[VARIANT]
+                for i in range(8)}
+        assert seen == {"nf4"}
+        assert state["router"] == before_ab["router"]  # same replica, same process: reconfigured, not restarted
+    after_models = {m["id"]: (m["replica"], m["pid"]) for m in app.get("/v1/models").json()["data"]}
+    assert after_models == before_models
+    assert app.get("/v1/ab").json()["experiment"]["weights"] == before_ab["experiment"]["weights"]
+
+
+def test_salt_change_reassigns_users(app: RunningApp) -> None:
+    users = [f"salted-{i}" for i in range(12)]
+
+    def variants() -> list[str]:
+        return [app.post({"prompt": "0", "steps": 1, "size": "8x8", "user": u}).headers[VARIANT] for u in users]
+
+    original = variants()
+    with app.experiment(salt="another-salt"):
+        resalted = variants()
+    assert original != resalted  # 12 users keeping their side by chance: odds 2**-12
+    assert variants() == original  # the old salt brings the old assignment back
+
+
+def _shadow_runs(app: RunningApp) -> int:
+    return app.get("/v1/ab").json()["shadow"]["runs"].get("ok", 0)
+
+
+def test_shadow_runs_after_the_response_and_records_the_pixel_difference(app: RunningApp) -> None:
+    with app.experiment(weights={"bf16": 0.0, "nf4": 1.0}, shadow={"variant": "bf16", "sample_rate": 1.0}):
+        before = _shadow_runs(app)
+        for seed in range(3):
+            r = app.post({"prompt": "9", "steps": 4, "seed": seed})
+            assert r.status_code == 200 and r.headers[VARIANT] == "nf4"
+        wait_for(lambda: _shadow_runs(app) >= before + 3, 60, "three shadow runs")
+        shadow = app.get("/v1/ab").json()["shadow"]
+        recent = shadow["recent"][-3:]
+        assert {(s["variant"], s["shadow_variant"]) for s in recent} == {("nf4", "bf16")}
+        assert [s["seed"] for s in recent] == [0, 1, 2]
+        assert all(0.0 <= s["pixel_diff"] < 0.5 for s in recent)
+        assert 0.0 <= shadow["mean_pixel_diff"] < 0.5
+
+
+def _scrape(url: str) -> dict[str, list]:
+    text = requests.get(url, timeout=10).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith("ray_quantserve_")}
+
+
+def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningApp) -> None:
+    with app.experiment(shadow={"variant": "bf16", "sample_rate": 1.0}):
+        for variant in ("bf16", "nf4"):
+            assert app.post({"prompt": "7", "steps": 3, "n": 2}, headers={FORCE: variant}).status_code == 200
+        assert app.post({"prompt": "7", "steps": 3, "user": "metrics-user"}).status_code == 200
+        wait_for(lambda: _shadow_runs(app) >= 1, 60, "a shadow run")
+
+    wanted = ["ray_quantserve_requests", "ray_quantserve_images", "ray_quantserve_denoising_steps",
+              "ray_quantserve_request_latency_seconds", "ray_quantserve_step_latency_seconds",
+              "ray_quantserve_images_per_second", "ray_quantserve_gemm_gflops", "ray_quantserve_model_bytes",
+              "ray_quantserve_ab_assignments", "ray_quantserve_shadow_pixel_diff"]
+
+    def exported() -> dict[str, list] | None:
+        families = _scrape(app.metrics_url)
+        missing = [name for name in wanted if name not in families]
+        nf4_gemm = [s for s in families.get("ray_quantserve_gemm_gflops", []) if s.labels.get("variant") == "nf4"]
+        return None if missing or not nf4_gemm else families
+
+    families = wait_for(exported, 90, f"{wanted} in the exposition", poll_s=2)
+
+    def series(name: str, variant: str) -> list:
+        return [s for s in families[name] if s.labels.get("variant") == variant]
+
+    for variant, backend, scheme in (("bf16", "none", "bf16"), ("nf4", "bitsandbytes", "nf4")):
+        requests_ok = [s for s in series("ray_quantserve_requests", variant) if s.labels["status"] == "200"]
+        assert requests_ok and requests_ok[0].value >= 1
+        labels = requests_ok[0].labels
+        assert (labels["backend"], labels["scheme"]) == (backend, scheme)
+        assert labels["kernel"] and labels["deployment"] == f"Diffusion_{variant}"
+        assert sum(s.value for s in series("ray_quantserve_images", variant)) >= 2
+        assert sum(s.value for s in series("ray_quantserve_denoising_steps", variant)) >= 6
+        assert any(s.name.endswith("_count") and s.value >= 1 for s in series("ray_quantserve_request_latency_seconds", variant))
+        assert any(s.name.endswith("_bucket") for s in series("ray_quantserve_step_latency_seconds", variant))
+        assert all(s.value > 0 for s in series("ray_quantserve_images_per_second", variant))
+    gemm = {s.labels["variant"]: s for s in families["ray_quantserve_gemm_gflops"]}
+    assert gemm["nf4"].labels["backend"] == "bitsandbytes" and gemm["nf4"].value > 0
+    assert (gemm["bf16"].labels["backend"], gemm["bf16"].labels["kernel"]) == ("dense", "torch")
+    model_bytes = {s.labels["variant"]: s.value for s in families["ray_quantserve_model_bytes"]}
+    assert 0 < model_bytes["nf4"] < model_bytes["bf16"]
+    reasons = {s.labels["reason"] for s in families["ray_quantserve_ab_assignments"]}
+    assert {"forced", "sticky"} <= reasons
+    shadow = [s for s in families["ray_quantserve_shadow_pixel_diff"] if s.name.endswith("_count")]
+    assert shadow and shadow[0].labels["shadow_variant"] == "bf16" and shadow[0].value >= 1
