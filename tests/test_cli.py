@@ -17,7 +17,8 @@ ROOT = Path(__file__).parent.parent
 
 def test_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "quantserve", "--help"], capture_output=True, text=True, check=True)
-    assert "inspect" in result.stdout and "schemes" in result.stdout
+    for command in ("inspect", "quantize", "compare", "autotune", "explain", "eval", "serve", "generate", "loadtest", "schemes"):
+        assert f"    {command} " in result.stdout, command
 
 
 def test_no_command_prints_help_and_fails(capsys):

@@ -16,7 +16,9 @@ def test_readme_gives_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_main_command_points_at_files_in_the_repo():
+def test_readme_main_command_serves_the_embedded_default():
     main_cmd = _commands()[0]
-    target = main_cmd.split("quantserve inspect ")[1].strip()
-    assert (ROOT / target / "config.json").is_file()
+    assert main_cmd.endswith(".venv/bin/quantserve serve")
+    from quantserve.default_model import default_model_dir
+
+    assert (default_model_dir() / "transformer" / "config.json").is_file()
