@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import DigitsOutput, DigitsPipeline, parse_digit, parse_prompts
+_LAZY = {"DigitsOutput", "DigitsPipeline", "parse_digit", "parse_prompts"}
+
+
+def __getattr__(name: str):
+    """The pipeline names load diffusers: import them on first use, so `quantserve --help` stays light."""
+    if name in _LAZY:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DigitsOutput",
@@ -39,6 +48,8 @@ def load_pipeline(
 ) -> DigitsPipeline:
     """A DigitsPipeline over the model directory `model_dir` (as written by the training script)."""
     from diffusers import DDIMScheduler
+
+    from .pipeline import DigitsPipeline
 
     model_dir = Path(model_dir)
     transformer = _load_transformer(model_dir, quantization_config, dtype)

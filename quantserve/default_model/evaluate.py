@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .classifier import DigitClassifier, heldout_classifier
 from .model import NUM_CLASSES, load_split
+from .eval_cli import add_eval_arguments
 from .pipeline import DigitsPipeline
 
 BASELINE = "bf16"
@@ -229,29 +230,6 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(format_table(results))
     return 1 if any("error" in fig for fig in results.values()) else 0
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the eval command."""
-    parser.add_argument("--schemes", default=BASELINE,
-                        help="comma-separated schemes, e.g. bf16,fp32,nf4 (bf16 always runs first as the baseline)")
-    parser.add_argument("--n", type=int, default=50,
-                        help="images per digit (FID fits a 128-d covariance: use n >= 50 for a meaningful FID)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--out", type=Path, default=None, help="directory for PNG grids, one per scheme")
-    parser.add_argument("--grid-cols", type=int, default=16, help="samples per digit shown in each PNG grid")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-
-
-def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `eval` (judge the default model per quantization scheme); its func returns the exit code."""
-    parser = subparsers.add_parser("eval", help="accuracy/FID of the default digits model per quantization scheme",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_arguments(parser)
-    parser.set_defaults(func=run_eval)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from quantserve.default_model.classifier import heldout_classifier, train_classifier
+from quantserve.default_model.eval_cli import add_eval_command
 from quantserve.default_model.evaluate import (
-    add_eval_command,
     frechet_distance,
     grid_name,
     main,
@@ -109,6 +109,6 @@ def test_add_eval_command_registers_the_subcommand() -> None:
     parser = argparse.ArgumentParser(prog="quantserve")
     add_eval_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--schemes", "bf16,nf4", "--n", "3", "--json"])
-    assert args.func is run_eval
+    assert args.func.__module__ == "quantserve.default_model.eval_cli"  # imports evaluate only when it runs
     assert (args.schemes, args.n, args.seed, args.steps, args.guidance, args.json) == ("bf16,nf4", 3, 0, 25, 1.0, True)
     assert args.out is None and args.grid_cols == 16
