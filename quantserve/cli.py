@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print the decisions as JSON")
         p.set_defaults(func=func)
 
-    from quantserve.default_model.evaluate import add_eval_command
+    from quantserve.default_model.eval_cli import add_eval_command
     from quantserve.serve_cli import add_serve_commands
 
     add_eval_command(sub)

@@ -408,3 +408,12 @@ def test_load_model_quantizes_saves_and_reloads_bit_identical(tmp_path, quant_ty
     assert [(l.name, l.fmt, l.nbytes) for l in again.quantserve_report.layers] == \
            [(l.name, l.fmt, l.nbytes) for l in report.layers]
     assert torch.equal(run(again), run(model))
+
+
+def test_float8dq_keeps_128_square_layers_dense_where_torchao_would_fail():
+    backend = backend_for(TorchAoConfig("float8dq"))
+    ok, why = backend.can_quantize("layer", torch.nn.Linear(128, 128))
+    assert not ok and "128x128" in why
+    assert backend.can_quantize("layer", torch.nn.Linear(128, 256))[0]
+    weight = backend.quantize("layer", torch.randn(256, 128, dtype=torch.bfloat16))
+    assert weight.linear(torch.randn(16, 128, dtype=torch.bfloat16), None).shape == (16, 256)
