@@ -50,6 +50,8 @@ class Diffusion:
         outcome["replica"] = self.replica
         outcome["variant"] = self.config.name
         self.metrics.requests.inc(tags={"status": str(outcome["status"])})
+        # a gauge set once at start can miss the metrics agent's first export; refresh it with every request
+        self.metrics.model_bytes.set(self.loaded.report.model_bytes)
         if outcome["status"] == 200:
             self.metrics.request_latency.observe(time.perf_counter() - arrived)
         return outcome

@@ -272,7 +272,9 @@ def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningA
         families = _scrape(app.metrics_url)
         missing = [name for name in wanted if name not in families]
         nf4_gemm = [s for s in families.get("ray_quantserve_gemm_gflops", []) if s.labels.get("variant") == "nf4"]
-        return None if missing or not nf4_gemm else families
+        # each replica's gauges reach the exposition on their own schedule: wait for both variants' model bytes
+        sized = {s.labels.get("variant") for s in families.get("ray_quantserve_model_bytes", [])}
+        return None if missing or not nf4_gemm or not {"bf16", "nf4"} <= sized else families
 
     families = wait_for(exported, 240, f"{wanted} in the exposition", poll_s=2)
 
