@@ -1,0 +1,328 @@
+/* GGUF (ggml) block decoders: one row of raw ggml blocks -> float32, bit for bit the values of kernels/gguf.py.
+ *
+ * Every decoder does the reference's float32 operations in the reference's order (kernels/gguf.py, itself
+ * bit-exact against gguf-py): e.g. Q4_K computes (d * sc) * q - (dmin * m) with every product and difference
+ * rounded to float32; the build has -ffp-contract=off, so nothing is fused into an FMA. fp16 scale fields are
+ * converted exactly (subnormals included).
+ *
+ * Two implementations of each type:
+ *   - the portable one (dec_*_c): plain C, inner loops over fixed 16/32-weight runs that gcc auto-vectorizes;
+ *     its fp16 conversion is done in integer arithmetic, so it needs no F16C;
+ *   - under __AVX512F__ (with __AVX512BW__ and __F16C__), intrinsics (dec_*_avx512).
+ * qs_gguf_decode_row uses the best one the build has; qs_gguf_decode_row_portable (not in qs_cpu.h; the tests
+ * call it) always runs the portable one, so both are held against the reference on an AVX-512 machine.
+ *
+ * Block layouts (ggml's block_* structs; weights per block, bytes per block):
+ *   Q4_0   32, 18: d f16, qs[16]        w[j] = d * (nib - 8); low nibbles are weights 0-15, high ones 16-31
+ *   Q4_1   32, 20: d, m f16, qs[16]     w = d * nib + m
+ *   Q5_0   32, 22: d, qh u32, qs[16]    q = nib | bit j of qh << 4; w = d * (q - 16)
+ *   Q5_1   32, 24: d, m, qh u32, qs[16] w = d * q + m
+ *   Q8_0   32, 34: d, qs int8[32]       w = q * d
+ *   Q2_K  256, 84: scales[16], qs[64], d, dmin   w = (d * (sc & 15)) * q2 - dmin * (sc >> 4), 16 per scale
+ *   Q3_K  256,110: hmask[32], qs[64], scales[12], d   w = (d * (sc6 - 32)) * (q2 - (hbit ? 0 : 4))
+ *   Q4_K  256,144: d, dmin, scales[12], qs[128]  w = (d * sc6) * nib - dmin * m6, 32 per scale
+ *   Q5_K  256,176: d, dmin, scales[12], qh[32], qs[128]   as Q4_K with a fifth bit from qh
+ *   Q6_K  256,210: ql[128], qh[64], scales int8[16], d    w = (d * sc) * (q6 - 32), 16 per scale
+ *   IQ4_NL 32, 18: d, qs[16]            w = d * levels[nib]
+ *   IQ4_XS 256,136: d, scales_h u16, scales_l[4], qs[128]  w = (d * (sc6 - 32)) * levels[nib], 32 per scale
+ *   F32, F16, BF16: one weight per element.
+ */
+#include "qs_cpu.h"
+
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+#include <immintrin.h>
+#define QS_GGUF_AVX512 1
+#endif
+
+enum {
+    GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
+    GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_IQ4_NL = 20, GT_IQ4_XS = 23,
+    GT_BF16 = 30
+};
+
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const float IQ4_LEVELS_F[16] = {-127.f, -104.f, -83.f, -65.f, -49.f, -35.f, -22.f, -10.f,
+                                       1.f, 13.f, 25.f, 38.f, 53.f, 69.f, 89.f, 113.f};
+
+/* ---- helpers ------------------------------------------------------------------------------------------------ */
+
+static inline uint16_t ld16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t ld32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* fp16 -> float32, exact, in integer arithmetic (no F16C). */
+static inline float h2f_soft(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1F) return bits_f32(sign | 0x7F800000u | (m << 13));          /* inf, nan (payload kept) */
+    if (e != 0) return bits_f32(sign | ((e + 112u) << 23) | (m << 13));        /* normal */
+    if (m == 0) return bits_f32(sign);                                          /* +-0 */
+    /* subnormal: m * 2^-24, exact (m < 2^10; the result is a normal float32) */
+    uint32_t mag;
+    float f = (float)m * 0x1p-24f;
+    memcpy(&mag, &f, 4);
+    return bits_f32(sign | mag);
+}
+
+/* the 6-bit scale and min j (0..7) of a Q4_K/Q5_K block's 12 scale bytes */
+static inline void k_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = s[j] & 0x3F;
+        *mn = s[j + 4] & 0x3F;
+    } else {
+        *sc = (uint8_t)((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
+        *mn = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+    }
+}
+
+/* ---- portable decoders: nb blocks from `b` into `o` ------------------------------------------------------------ */
+
+static void dec_q4_0_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 18, o += 32) {
+        const float d = h2f_soft(ld16(b));
+        const uint8_t *qs = b + 2;
+        for (int j = 0; j < 16; j++) o[j] = d * (float)((int)(qs[j] & 0x0F) - 8);
+        for (int j = 0; j < 16; j++) o[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
+    }
+}
+
+static void dec_q4_1_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 20, o += 32) {
+        const float d = h2f_soft(ld16(b)), m = h2f_soft(ld16(b + 2));
+        const uint8_t *qs = b + 4;
+        for (int j = 0; j < 16; j++) o[j] = d * (float)(qs[j] & 0x0F) + m;
+        for (int j = 0; j < 16; j++) o[j + 16] = d * (float)(qs[j] >> 4) + m;
+    }
+}
+
+static void dec_q5_0_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 22, o += 32) {
+        const float d = h2f_soft(ld16(b));
+        const uint32_t qh = ld32(b + 2);
+        const uint8_t *qs = b + 6;
+        for (int j = 0; j < 16; j++)
+            o[j] = d * (float)((int)((qs[j] & 0x0F) | (((qh >> j) & 1u) << 4)) - 16);
+        for (int j = 0; j < 16; j++)
+            o[j + 16] = d * (float)((int)((qs[j] >> 4) | (((qh >> (j + 16)) & 1u) << 4)) - 16);
+    }
+}
+
+static void dec_q5_1_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 24, o += 32) {
+        const float d = h2f_soft(ld16(b)), m = h2f_soft(ld16(b + 2));
+        const uint32_t qh = ld32(b + 4);
+        const uint8_t *qs = b + 8;
+        for (int j = 0; j < 16; j++)
+            o[j] = d * (float)((qs[j] & 0x0F) | (((qh >> j) & 1u) << 4)) + m;
+        for (int j = 0; j < 16; j++)
+            o[j + 16] = d * (float)((qs[j] >> 4) | (((qh >> (j + 16)) & 1u) << 4)) + m;
+    }
+}
+
+static void dec_q8_0_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 34, o += 32) {
+        const float d = h2f_soft(ld16(b));
+        const int8_t *qs = (const int8_t *)(b + 2);
+        for (int j = 0; j < 32; j++) o[j] = (float)qs[j] * d;
+    }
+}
+
+static void dec_q2_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 84, o += 256) {
+        const uint8_t *scales = b, *qs = b + 16;
+        const float d = h2f_soft(ld16(b + 80)), dmin = h2f_soft(ld16(b + 82));
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int half = 0; half < 2; half++) {
+                    const int sb = h * 8 + s * 2 + half;          /* 16 weights per scale */
+                    const float dl = d * (float)(scales[sb] & 0x0F), ml = dmin * (float)(scales[sb] >> 4);
+                    const uint8_t *q = qs + h * 32 + half * 16;
+                    float *w = o + sb * 16;
+                    for (int j = 0; j < 16; j++) w[j] = dl * (float)((q[j] >> (2 * s)) & 3) - ml;
+                }
+    }
+}
+
+static void dec_q3_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 110, o += 256) {
+        const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
+        const float d = h2f_soft(ld16(b + 108));
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int half = 0; half < 2; half++) {
+                    const int sb = h * 8 + s * 2 + half;
+                    const int low = sb < 8 ? (sc[sb] & 0x0F) : (sc[sb - 8] >> 4);
+                    const int high = (sc[8 + (sb & 3)] >> (2 * (sb >> 2))) & 3;
+                    const float dl = d * (float)((low | (high << 4)) - 32);
+                    const uint8_t *q = qs + h * 32 + half * 16, *hm = hmask + half * 16;
+                    const int t = h * 4 + s;
+                    float *w = o + sb * 16;
+                    for (int j = 0; j < 16; j++)
+                        w[j] = dl * (float)((int)((q[j] >> (2 * s)) & 3) - (((hm[j] >> t) & 1) ? 0 : 4));
+                }
+    }
+}
+
+static void dec_q4_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 144, o += 256) {
+        const float d = h2f_soft(ld16(b)), dmin = h2f_soft(ld16(b + 2));
+        const uint8_t *qs = b + 16;
+        for (int g = 0; g < 4; g++) {
+            uint8_t sc0, m0, sc1, m1;
+            k_scale_min(b + 4, 2 * g, &sc0, &m0);
+            k_scale_min(b + 4, 2 * g + 1, &sc1, &m1);
+            const float d0 = d * (float)sc0, dm0 = dmin * (float)m0;
+            const float d1 = d * (float)sc1, dm1 = dmin * (float)m1;
+            const uint8_t *q = qs + 32 * g;
+            float *w = o + 64 * g;
+            for (int j = 0; j < 32; j++) w[j] = d0 * (float)(q[j] & 0x0F) - dm0;
+            for (int j = 0; j < 32; j++) w[j + 32] = d1 * (float)(q[j] >> 4) - dm1;
+        }
+    }
+}
+
+static void dec_q5_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 176, o += 256) {
+        const float d = h2f_soft(ld16(b)), dmin = h2f_soft(ld16(b + 2));
+        const uint8_t *qh = b + 16, *qs = b + 48;
+        for (int g = 0; g < 4; g++) {
+            uint8_t sc0, m0, sc1, m1;
+            k_scale_min(b + 4, 2 * g, &sc0, &m0);
+            k_scale_min(b + 4, 2 * g + 1, &sc1, &m1);
+            const float d0 = d * (float)sc0, dm0 = dmin * (float)m0;
+            const float d1 = d * (float)sc1, dm1 = dmin * (float)m1;
+            const uint8_t *q = qs + 32 * g;
+            const int t0 = 2 * g, t1 = 2 * g + 1;
+            float *w = o + 64 * g;
+            for (int j = 0; j < 32; j++) w[j] = d0 * (float)((q[j] & 0x0F) | (((qh[j] >> t0) & 1) << 4)) - dm0;
+            for (int j = 0; j < 32; j++) w[j + 32] = d1 * (float)((q[j] >> 4) | (((qh[j] >> t1) & 1) << 4)) - dm1;
+        }
+    }
+}
+
+static void dec_q6_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 210, o += 256) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *scales = (const int8_t *)(b + 192);
+        const float d = h2f_soft(ld16(b + 208));
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++) {          /* weights h*128 + s*32 + j, j < 32 */
+                const uint8_t *l = ql + h * 64 + (s & 1) * 32, *hh = qh + h * 32;
+                const int lshift = (s >> 1) * 4, hshift = 2 * s;
+                for (int half = 0; half < 2; half++) {
+                    const int sb = h * 8 + s * 2 + half;
+                    const float dl = d * (float)scales[sb];
+                    float *w = o + sb * 16;
+                    for (int j = 0; j < 16; j++) {
+                        const int jj = half * 16 + j;
+                        const int q = ((l[jj] >> lshift) & 0x0F) | (((hh[jj] >> hshift) & 3) << 4);
+                        w[j] = dl * (float)(q - 32);
+                    }
+                }
+            }
+    }
+}
+
+static void dec_iq4_nl_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 18, o += 32) {
+        const float d = h2f_soft(ld16(b));
+        const uint8_t *qs = b + 2;
+        for (int j = 0; j < 16; j++) o[j] = d * (float)IQ4_LEVELS[qs[j] & 0x0F];
+        for (int j = 0; j < 16; j++) o[j + 16] = d * (float)IQ4_LEVELS[qs[j] >> 4];
+    }
+}
+
+static void dec_iq4_xs_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    for (int64_t ib = 0; ib < nb; ib++, b += 136, o += 256) {
+        const float d = h2f_soft(ld16(b));
+        const uint16_t sh = ld16(b + 2);
+        const uint8_t *sl = b + 4, *qs = b + 8;
+        for (int g = 0; g < 8; g++) {
+            const int low = (sl[g >> 1] >> (4 * (g & 1))) & 0x0F, high = (sh >> (2 * g)) & 3;
+            const float dl = d * (float)((low | (high << 4)) - 32);
+            const uint8_t *q = qs + 16 * g;
+            float *w = o + 32 * g;
+            for (int j = 0; j < 16; j++) w[j] = dl * IQ4_LEVELS_F[q[j] & 0x0F];
+            for (int j = 0; j < 16; j++) w[j + 16] = dl * IQ4_LEVELS_F[q[j] >> 4];
+        }
+    }
+}
+
+static void dec_f32_c(const uint8_t *restrict b, int64_t n, float *restrict o) { memcpy(o, b, (size_t)n * 4); }
+
+static void dec_f16_c(const uint8_t *restrict b, int64_t n, float *restrict o) {
+    for (int64_t i = 0; i < n; i++) o[i] = h2f_soft(ld16(b + 2 * i));
+}
+
+static void dec_bf16_c(const uint8_t *restrict b, int64_t n, float *restrict o) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)ld16(b + 2 * i) << 16;
+        memcpy(o + i, &u, 4);
+    }
+}
+
+/* ---- dispatch ----------------------------------------------------------------------------------------------- */
+
+typedef void (*decoder)(const uint8_t *restrict, int64_t, float *restrict);
+
+typedef struct { int32_t qtype, block; decoder portable, best; } gguf_type;
+
+#define PORTABLE_ONLY(fn) fn, fn
+
+static const gguf_type *find_type(int32_t qtype);
+
+int qs_gguf_supported(int32_t qtype) { return find_type(qtype) ? 0 : -1; }
+
+static int decode(int32_t qtype, const uint8_t *row, int64_t k, float *out, int portable) {
+    const gguf_type *t = find_type(qtype);
+    if (!t || k < 0 || k % t->block) return -1;
+    (portable ? t->portable : t->best)(row, k / t->block, out);
+    return 0;
+}
+
+int qs_gguf_decode_row(int32_t qtype, const uint8_t *row, int64_t k, float *out) {
+    return decode(qtype, row, k, out, 0);
+}
+
+/* The portable decoder, whatever the build vectorizes with (for the tests). */
+int qs_gguf_decode_row_portable(int32_t qtype, const uint8_t *row, int64_t k, float *out) {
+    return decode(qtype, row, k, out, 1);
+}
+
+/* 1 when qs_gguf_decode_row uses the AVX-512 decoders, else 0. */
+int qs_gguf_avx512(void) {
+#ifdef QS_GGUF_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static const gguf_type TYPES[] = {
+    {GT_F32, 1, PORTABLE_ONLY(dec_f32_c)},
+    {GT_F16, 1, PORTABLE_ONLY(dec_f16_c)},
+    {GT_BF16, 1, PORTABLE_ONLY(dec_bf16_c)},
+    {GT_Q4_0, 32, PORTABLE_ONLY(dec_q4_0_c)},
+    {GT_Q4_1, 32, PORTABLE_ONLY(dec_q4_1_c)},
+    {GT_Q5_0, 32, PORTABLE_ONLY(dec_q5_0_c)},
+    {GT_Q5_1, 32, PORTABLE_ONLY(dec_q5_1_c)},
+    {GT_Q8_0, 32, PORTABLE_ONLY(dec_q8_0_c)},
+    {GT_Q2_K, 256, PORTABLE_ONLY(dec_q2_k_c)},
+    {GT_Q3_K, 256, PORTABLE_ONLY(dec_q3_k_c)},
+    {GT_Q4_K, 256, PORTABLE_ONLY(dec_q4_k_c)},
+    {GT_Q5_K, 256, PORTABLE_ONLY(dec_q5_k_c)},
+    {GT_Q6_K, 256, PORTABLE_ONLY(dec_q6_k_c)},
+    {GT_IQ4_NL, 32, PORTABLE_ONLY(dec_iq4_nl_c)},
+    {GT_IQ4_XS, 256, PORTABLE_ONLY(dec_iq4_xs_c)},
+};
+
+static const gguf_type *find_type(int32_t qtype) {
+    for (size_t i = 0; i < sizeof(TYPES) / sizeof(TYPES[0]); i++)
+        if (TYPES[i].qtype == qtype) return &TYPES[i];
+    return NULL;
+}
