@@ -8,8 +8,8 @@
  * Two implementations of each type:
  *   - the portable one (dec_*_c): plain C, inner loops over fixed 16/32-weight runs that gcc auto-vectorizes;
  *     its fp16 conversion is done in integer arithmetic, so it needs no F16C;
- *   - under __AVX512F__ (with AVX512BW/VL and F16C), intrinsics (dec_*_avx512) for the types gcc does not
- *     vectorize well by itself (the others already decode in under 0.1 ns per weight from the portable code).
+ *   - under __AVX512F__ (with AVX512BW/VL and F16C), intrinsics (dec_*_avx512) for every type but F32, BF16
+ *     and Q8_0, which gcc vectorizes well by itself.
  * qs_gguf_decode_row uses the best one the build has; qs_gguf_decode_row_portable (not in qs_cpu.h; the tests
  * call it) always runs the portable one, so both are held against the reference on an AVX-512 machine.
  *
@@ -285,6 +285,76 @@ static void dec_f16_avx512(const uint8_t *restrict b, int64_t n, float *restrict
     for (; i < n; i++) o[i] = h2f_hw(b + 2 * i);
 }
 
+/* vpermps reads only the low 4 bits of each index: with a 16-float table it is the nibble lookup and the
+ * int -> float conversion in one (the table holds exactly the floats the reference converts to) */
+static inline __m512 lut16(__m128i bytes, __m512 table) {
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), table);
+}
+static const float NIB_F[16] = {0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f};
+static const float NIB_M8_F[16] = {-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f};
+static const float CRUMB_F[16] = {0.f, 1.f, 2.f, 3.f, 0.f, 1.f, 2.f, 3.f, 0.f, 1.f, 2.f, 3.f, 0.f, 1.f, 2.f, 3.f};
+
+static void dec_q4_0_avx512(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    const __m512 t = _mm512_loadu_ps(NIB_M8_F);
+    for (int64_t ib = 0; ib < nb; ib++, b += 18, o += 32) {
+        const __m512 d = _mm512_set1_ps(h2f_hw(b));
+        const __m128i qs = ld128(b + 2);
+        _mm512_storeu_ps(o, _mm512_mul_ps(d, lut16(qs, t)));
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(d, lut16(_mm_srli_epi16(qs, 4), t)));
+    }
+}
+
+static void dec_q4_1_avx512(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    const __m512 t = _mm512_loadu_ps(NIB_F);
+    for (int64_t ib = 0; ib < nb; ib++, b += 20, o += 32) {
+        const __m512 d = _mm512_set1_ps(h2f_hw(b)), m = _mm512_set1_ps(h2f_hw(b + 2));
+        const __m128i qs = ld128(b + 4);
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(d, lut16(qs, t)), m));
+        _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_mul_ps(d, lut16(_mm_srli_epi16(qs, 4), t)), m));
+    }
+}
+
+static void dec_q2_k_avx512(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    const __m512 t = _mm512_loadu_ps(CRUMB_F);
+    for (int64_t ib = 0; ib < nb; ib++, b += 84, o += 256) {
+        const uint8_t *scales = b, *qs = b + 16;
+        const float d = h2f_hw(b + 80), dmin = h2f_hw(b + 82);
+        for (int h = 0; h < 2; h++)
+            for (int half = 0; half < 2; half++) {
+                const __m128i q = ld128(qs + h * 32 + half * 16);
+                for (int s = 0; s < 4; s++) {
+                    const int sb = h * 8 + s * 2 + half;
+                    const __m512 dl = _mm512_set1_ps(d * (float)(scales[sb] & 0x0F));
+                    const __m512 ml = _mm512_set1_ps(dmin * (float)(scales[sb] >> 4));
+                    const __m512 v = lut16(_mm_srli_epi16(q, 2 * s), t);
+                    _mm512_storeu_ps(o + sb * 16, _mm512_sub_ps(_mm512_mul_ps(dl, v), ml));
+                }
+            }
+    }
+}
+
+static void dec_q4_k_avx512(const uint8_t *restrict b, int64_t nb, float *restrict o) {
+    const __m512 t = _mm512_loadu_ps(NIB_F);
+    for (int64_t ib = 0; ib < nb; ib++, b += 144, o += 256) {
+        const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
+        const uint8_t *qs = b + 16;
+        for (int g = 0; g < 4; g++) {
+            const __m128i q0 = ld128(qs + 32 * g), q1 = ld128(qs + 32 * g + 16);
+            uint8_t sc, mn;
+            k_scale_min(b + 4, 2 * g, &sc, &mn);
+            __m512 dl = _mm512_set1_ps(d * (float)sc), ml = _mm512_set1_ps(dmin * (float)mn);
+            float *w = o + 64 * g;
+            _mm512_storeu_ps(w, _mm512_sub_ps(_mm512_mul_ps(dl, lut16(q0, t)), ml));
+            _mm512_storeu_ps(w + 16, _mm512_sub_ps(_mm512_mul_ps(dl, lut16(q1, t)), ml));
+            k_scale_min(b + 4, 2 * g + 1, &sc, &mn);
+            dl = _mm512_set1_ps(d * (float)sc);
+            ml = _mm512_set1_ps(dmin * (float)mn);
+            _mm512_storeu_ps(w + 32, _mm512_sub_ps(_mm512_mul_ps(dl, lut16(_mm_srli_epi16(q0, 4), t)), ml));
+            _mm512_storeu_ps(w + 48, _mm512_sub_ps(_mm512_mul_ps(dl, lut16(_mm_srli_epi16(q1, 4), t)), ml));
+        }
+    }
+}
+
 static void dec_q5_0_avx512(const uint8_t *restrict b, int64_t nb, float *restrict o) {
     const __m128i m16 = _mm_set1_epi8(16);
     for (int64_t ib = 0; ib < nb; ib++, b += 22, o += 32) {
@@ -467,14 +537,14 @@ static const gguf_type TYPES[] = {
     {GT_F32, 1, PORTABLE_ONLY(dec_f32_c)},
     {GT_F16, 1, WITH_AVX512(dec_f16_c, dec_f16_avx512)},
     {GT_BF16, 1, PORTABLE_ONLY(dec_bf16_c)},
-    {GT_Q4_0, 32, PORTABLE_ONLY(dec_q4_0_c)},
-    {GT_Q4_1, 32, PORTABLE_ONLY(dec_q4_1_c)},
+    {GT_Q4_0, 32, WITH_AVX512(dec_q4_0_c, dec_q4_0_avx512)},
+    {GT_Q4_1, 32, WITH_AVX512(dec_q4_1_c, dec_q4_1_avx512)},
     {GT_Q5_0, 32, WITH_AVX512(dec_q5_0_c, dec_q5_0_avx512)},
     {GT_Q5_1, 32, WITH_AVX512(dec_q5_1_c, dec_q5_1_avx512)},
     {GT_Q8_0, 32, PORTABLE_ONLY(dec_q8_0_c)},
-    {GT_Q2_K, 256, PORTABLE_ONLY(dec_q2_k_c)},
+    {GT_Q2_K, 256, WITH_AVX512(dec_q2_k_c, dec_q2_k_avx512)},
     {GT_Q3_K, 256, WITH_AVX512(dec_q3_k_c, dec_q3_k_avx512)},
-    {GT_Q4_K, 256, PORTABLE_ONLY(dec_q4_k_c)},
+    {GT_Q4_K, 256, WITH_AVX512(dec_q4_k_c, dec_q4_k_avx512)},
     {GT_Q5_K, 256, WITH_AVX512(dec_q5_k_c, dec_q5_k_avx512)},
     {GT_Q6_K, 256, WITH_AVX512(dec_q6_k_c, dec_q6_k_avx512)},
     {GT_IQ4_NL, 32, WITH_AVX512(dec_iq4_nl_c, dec_iq4_nl_avx512)},
