@@ -149,23 +149,30 @@ static void dec_q2_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o)
     }
 }
 
+/* 64 bytes -> 256 two-bit codes in the K-quant order: weight h*128 + s*32 + j is bits 2s..2s+1 of byte h*32 + j */
+static inline void crumbs256(const uint8_t *restrict qs, uint8_t *restrict q) {
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int j = 0; j < 32; j++) q[h * 128 + s * 32 + j] = (qs[h * 32 + j] >> (2 * s)) & 3;
+}
+
 static void dec_q3_k_c(const uint8_t *restrict b, int64_t nb, float *restrict o) {
     for (int64_t ib = 0; ib < nb; ib++, b += 110, o += 256) {
-        const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
+        const uint8_t *hmask = b, *sc = b + 96;
         const float d = h2f_soft(ld16(b + 108));
-        for (int h = 0; h < 2; h++)
-            for (int s = 0; s < 4; s++)
-                for (int half = 0; half < 2; half++) {
-                    const int sb = h * 8 + s * 2 + half;
-                    const int low = sb < 8 ? (sc[sb] & 0x0F) : (sc[sb - 8] >> 4);
-                    const int high = (sc[8 + (sb & 3)] >> (2 * (sb >> 2))) & 3;
-                    const float dl = d * (float)((low | (high << 4)) - 32);
-                    const uint8_t *q = qs + h * 32 + half * 16, *hm = hmask + half * 16;
-                    const int t = h * 4 + s;
-                    float *w = o + sb * 16;
-                    for (int j = 0; j < 16; j++)
-                        w[j] = dl * (float)((int)((q[j] >> (2 * s)) & 3) - (((hm[j] >> t) & 1) ? 0 : 4));
-                }
+        uint8_t q[256];
+        float f[256];
+        crumbs256(b + 32, q);
+        /* weight t*32 + j loses 4 unless bit t of hmask[j] is set */
+        for (int t = 0; t < 8; t++)
+            for (int j = 0; j < 32; j++) q[t * 32 + j] = (uint8_t)(q[t * 32 + j] - (((hmask[j] >> t) & 1) ^ 1) * 4);
+        for (int j = 0; j < 256; j++) f[j] = (float)(int8_t)q[j];
+        for (int sb = 0; sb < 16; sb++) {
+            const int low = sb < 8 ? (sc[sb] & 0x0F) : (sc[sb - 8] >> 4);
+            const int high = (sc[8 + (sb & 3)] >> (2 * (sb >> 2))) & 3;
+            const float dl = d * (float)((low | (high << 4)) - 32);
+            for (int j = 0; j < 16; j++) o[sb * 16 + j] = dl * f[sb * 16 + j];
+        }
     }
 }
 
