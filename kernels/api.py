@@ -1,8 +1,9 @@
 """The public functional API of quantserve.kernels: pack a backend's tensors, dequantize, run a linear layer.
 
 `pack_*` build the packed formats of kernels/formats.py from the tensors a library hands over, as views (no copy)
-wherever the library's layout is the format's. `dequantize` and `linear` run either the torch reference or the
-Triton kernels (`impl="triton"`; on a CPU only with TRITON_INTERPRET=1, Triton's interpreter).
+wherever the library's layout is the format's. `dequantize` and `linear` run the torch reference, the
+Triton kernels (`impl="triton"`; on a CPU only with TRITON_INTERPRET=1, Triton's interpreter) or the native CPU
+kernels (`impl="cpu"`: C with AVX-512/AVX2 and OpenMP, compiled for this machine on first use).
 
 Triton is imported only when a Triton kernel is asked for, so the reference works where Triton does not, and the
 interpreter flag is read when the kernels are first imported.
@@ -33,7 +34,7 @@ from .formats import (
 )
 from .gguf import qtype_name, row_bytes
 
-IMPLS = ("reference", "triton")
+IMPLS = ("reference", "triton", "cpu")
 
 
 # --- packing --------------------------------------------------------------------------------------------------
@@ -124,6 +125,10 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16, impl: 
     _check_impl(impl, packed)
     if impl == "reference":
         return reference.dequantize(packed, dtype)
+    if impl == "cpu":
+        from . import cpu
+
+        return cpu.dequantize(packed, dtype)
     from . import triton_dequant
 
     return triton_dequant.dequantize(packed, dtype)
@@ -131,10 +136,15 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16, impl: 
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
            impl: str = "reference") -> torch.Tensor:
-    """y = x @ dequant(W).T + bias in x's dtype: the reference, or Triton's fused dequantize-matmul."""
+    """y = x @ dequant(W).T + bias in x's dtype: the reference, Triton's fused dequantize-matmul, or the CPU
+    kernels' fused GEMV (slab dequantize + GEMM for many rows)."""
     _check_impl(impl, packed)
     if impl == "reference":
         return reference.linear(x, packed, bias)
+    if impl == "cpu":
+        from . import cpu
+
+        return cpu.linear(x, packed, bias)
     from . import triton_matmul
 
     return triton_matmul.linear(x, packed, bias)

@@ -1,0 +1,288 @@
+"""quantserve's native CPU kernels for every packed format: dequantize, and a fused dequantize-GEMV.
+
+The C library (kernels/csrc, built for this CPU on first use by kernels/cpu_build.py) decodes one weight row at a
+time into float32 with exactly the torch reference's values, then either
+- multiplies it with every activation row while it is still in the L1/L2 cache (`linear` for M <= GEMV_MAX_M: a
+  weight-bandwidth-bound GEMV that reads each packed byte once, never materializing the dense weight), or
+- writes a slab of rows in the activation dtype into a small reused buffer that torch's GEMM (oneDNN/MKL) consumes
+  while it is cache-hot (`linear` for larger M: the dense weight never exists whole).
+
+A packed weight is described to C by a `qs_weight` struct that points into its tensors (no copy); the struct is built
+once per packed object and cached on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import cpu_build
+from .cpu_build import CpuKernelsUnavailable
+from .formats import NVFP4, BnB4bit, Float8, FormatError, GGUFBlocks, Int4Grouped, Int8Rows, PackedWeight, QuantoGrouped
+
+GEMV_MAX_M = 16          # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
+SLAB_BYTES = 2 << 20     # bytes of one dequantized slab (about a core's L2)
+
+FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF = range(1, 8)
+F32, BF16, F16, I8, U8, I16, I32 = range(7)
+_DTYPES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8, torch.uint8: U8,
+           torch.int16: I16, torch.int32: I32, None: F32}
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# ggml type ids (gguf.GGMLQuantizationType)
+GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+                 "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23, "BF16": 30}
+_CACHE_ATTR = "_quantserve_cpu_descriptor"
+
+
+class QsWeight(ctypes.Structure):
+    """Mirror of `qs_weight` in kernels/csrc/qs_cpu.h (same fields, same order)."""
+
+    _fields_ = [
+        ("fmt", ctypes.c_int32), ("kind", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+        ("data", ctypes.c_void_p), ("data_stride", ctypes.c_int64),
+        ("scale", ctypes.c_void_p), ("scale_dtype", ctypes.c_int32), ("scale_stride_n", ctypes.c_int64),
+        ("scale_stride_g", ctypes.c_int64), ("zero", ctypes.c_void_p), ("zero_dtype", ctypes.c_int32),
+        ("group", ctypes.c_int64), ("packed_rows", ctypes.c_int64), ("lut", ctypes.c_void_p),
+        ("nested_map", ctypes.c_void_p), ("nested_absmax", ctypes.c_void_p), ("nested_blocksize", ctypes.c_int64),
+        ("offset", ctypes.c_float), ("divisor", ctypes.c_float), ("global_scale", ctypes.c_float),
+        ("round_dtype", ctypes.c_int32),
+    ]
+
+
+class Descriptor:
+    """A `qs_weight` for one packed weight, and the tensors it points into (kept alive with it)."""
+
+    def __init__(self, packed: PackedWeight, struct: QsWeight, keep: tuple[torch.Tensor, ...]):
+        self.struct, self.keep = struct, keep
+        self.shape = (int(struct.n), int(struct.k))
+        self.key = _tensors_key(keep)
+        self.ref = ctypes.byref(struct)
+
+
+def _tensors_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _dtype(t: torch.Tensor | None, cls: str, field: str) -> int:
+    if t is None:
+        return F32
+    if t.dtype not in _DTYPES:
+        raise FormatError(f"{cls}.{field}: dtype {t.dtype} is not one the CPU kernels read; accepted: "
+                          f"{', '.join(str(d) for d in _DTYPES if d is not None)}")
+    return _DTYPES[t.dtype]
+
+
+def _round(dtype: torch.dtype | None) -> int:
+    return {None: F32, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}[dtype]
+
+
+_BUILDERS: dict[type, Callable[[Any], tuple[QsWeight, tuple[torch.Tensor, ...]]]] = {}
+
+
+def _builder(cls: type) -> Callable:
+    def register(fn: Callable[[Any], tuple[QsWeight, tuple[torch.Tensor, ...]]]) -> Callable:
+        _BUILDERS[cls] = fn
+        return fn
+
+    return register
+
+
+@_builder(BnB4bit)
+def _bnb4(p: BnB4bit) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    lut = p.quant_map.reshape(-1).contiguous()
+    s = QsWeight(fmt=FMT_BNB4, n=n, k=k, data=_ptr(p.data), scale=_ptr(p.absmax), group=p.blocksize,
+                 lut=_ptr(lut), round_dtype=_round(p.dtype))
+    keep: tuple[torch.Tensor, ...] = (p.data, p.absmax, lut)
+    if p.nested:
+        s.nested_map, s.nested_absmax = _ptr(p.nested_quant_map), _ptr(p.nested_absmax)
+        s.nested_blocksize, s.offset = p.nested_blocksize, float(p.offset)
+        keep += (p.nested_quant_map, p.nested_absmax)
+    return s, keep
+
+
+@_builder(Int8Rows)
+def _int8_rows(p: Int8Rows) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    s = QsWeight(fmt=FMT_INT8_ROWS, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0),
+                 scale=_ptr(p.scale), scale_dtype=_dtype(p.scale, "Int8Rows", "scale"), scale_stride_n=1,
+                 zero=_ptr(p.zero_point), zero_dtype=_dtype(p.zero_point, "Int8Rows", "zero_point"),
+                 divisor=float(p.divisor), round_dtype=_round(p.dtype))
+    if float(s.divisor) != float(p.divisor):
+        raise FormatError(f"Int8Rows.divisor: {p.divisor!r} is not a float32 value; the CPU kernels divide in float32")
+    return s, tuple(t for t in (p.qdata, p.scale, p.zero_point) if t is not None)
+
+
+@_builder(Float8)
+def _float8(p: Float8) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    data = p.qdata.view(torch.uint8)
+    s = QsWeight(fmt=FMT_FLOAT8, kind=int(p.e5m2), n=n, k=k, data=_ptr(data), data_stride=data.stride(0),
+                 scale=_ptr(p.scale), scale_dtype=_dtype(p.scale, "Float8", "scale"),
+                 scale_stride_n=1 if p.per_row else 0, round_dtype=_round(p.dtype))
+    return s, (data, p.scale)
+
+
+@_builder(Int4Grouped)
+def _int4_grouped(p: Int4Grouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    scale, zero = p.scale, p.zero_point
+    if scale.stride() != zero.stride():
+        scale, zero = scale.contiguous(), zero.contiguous()
+    if p.qdata.stride(-1) != 1:
+        raise FormatError(f"Int4Grouped.qdata: strides {p.qdata.stride()}; the CPU kernels need unit column stride")
+    s = QsWeight(fmt=FMT_INT4_GROUPED, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0),
+                 scale=_ptr(scale), scale_dtype=_dtype(scale, "Int4Grouped", "scale"),
+                 scale_stride_n=scale.stride(1), scale_stride_g=scale.stride(0), zero=_ptr(zero),
+                 zero_dtype=_dtype(zero, "Int4Grouped", "zero_point"), group=p.group_size)
+    return s, (p.qdata, scale, zero)
+
+
+@_builder(QuantoGrouped)
+def _quanto(p: QuantoGrouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    s = QsWeight(fmt=FMT_QUANTO, kind=p.bits, n=n, k=k, data=_ptr(p.data), data_stride=p.data.stride(0),
+                 scale=_ptr(p.scale), scale_dtype=_dtype(p.scale, "QuantoGrouped", "scale"), zero=_ptr(p.shift),
+                 zero_dtype=_dtype(p.shift, "QuantoGrouped", "shift"), group=p.group_size,
+                 packed_rows=p.packed_rows)
+    return s, (p.data, p.scale, p.shift)
+
+
+@_builder(NVFP4)
+def _nvfp4(p: NVFP4) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    scales = p.block_scale.view(torch.uint8)
+    s = QsWeight(fmt=FMT_NVFP4, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0), scale=_ptr(scales),
+                 scale_dtype=U8, scale_stride_n=scales.stride(0), group=p.block_size,
+                 global_scale=float(p.global_scale.reshape(()).item()))
+    return s, (p.qdata, scales)
+
+
+@_builder(GGUFBlocks)
+def _gguf(p: GGUFBlocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    if p.qtype not in GGML_TYPE_IDS:
+        raise FormatError(f"GGUFBlocks.qtype: {p.qtype!r} has no CPU kernel; accepted: {', '.join(GGML_TYPE_IDS)}")
+    s = QsWeight(fmt=FMT_GGUF, kind=GGML_TYPE_IDS[p.qtype], n=n, k=k, data=_ptr(p.data),
+                 data_stride=p.data.stride(0))
+    return s, (p.data,)
+
+
+def descriptor(packed: PackedWeight) -> Descriptor:
+    """The C descriptor of `packed`, built once and cached on it (rebuilt if its tensors were replaced)."""
+    cached = packed.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached.key == _tensors_key(cached.keep):
+        return cached
+    build = _BUILDERS.get(type(packed))
+    if build is None:
+        raise FormatError(f"cpu kernels: {type(packed).__name__} is not a packed format; accepted: "
+                          f"{', '.join(c.__name__ for c in _BUILDERS)}")
+    struct, keep = build(packed)
+    for t in keep:
+        if t.device.type != "cpu":
+            raise FormatError(f"cpu kernels: {type(packed).__name__} tensors are on {t.device}; move the weight "
+                              "to the CPU or use the Triton kernels")
+    if cpu_build.library().qs_supported(struct.fmt, struct.kind) != 0:
+        raise FormatError(f"cpu kernels: this build has no decoder for {type(packed).__name__} "
+                          f"(format {struct.fmt}, kind {struct.kind})")
+    desc = Descriptor(packed, struct, keep)
+    object.__setattr__(packed, _CACHE_ATTR, desc)
+    return desc
+
+
+def problem(packed: PackedWeight | None = None) -> str | None:
+    """None when the CPU kernels run here (for `packed`, when given), else why not."""
+    reason = cpu_build.problem()
+    if reason is None and packed is not None:
+        try:
+            descriptor(packed)
+        except (FormatError, CpuKernelsUnavailable) as exc:
+            return str(exc)
+    return reason
+
+
+def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The dense (N, K) weight in `dtype`; equal to reference.dequantize(packed, dtype) bit for bit."""
+    desc = descriptor(packed)
+    out_dtype = dtype if dtype in _OUT_DTYPES else torch.float32
+    n, k = desc.shape
+    out = torch.empty(n, k, dtype=out_dtype)
+    _dequantize_rows(desc, 0, n, out)
+    return out if out_dtype == dtype else out.to(dtype)
+
+
+def _dequantize_rows(desc: Descriptor, n0: int, n1: int, out: torch.Tensor) -> None:
+    rc = cpu_build.library().qs_dequantize(desc.ref, n0, n1, out.data_ptr(), _DTYPES[out.dtype])
+    if rc != 0:
+        raise RuntimeError(f"cpu kernels: dequantizing rows {n0}..{n1} of a {desc.shape} weight failed")
+
+
+PATHS = ("auto", "gemv", "slab")
+
+
+def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+    """y = x @ dequant(W).T + bias in x's dtype. path "gemv": the fused GEMV; "slab": slab dequantize plus torch's
+    GEMM; "auto": the GEMV for M <= GEMV_MAX_M rows, else slabs."""
+    if path not in PATHS:
+        raise ValueError(f"path: {path!r}; accepted: {', '.join(map(repr, PATHS))}")
+    desc = descriptor(packed)
+    n, k = desc.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"cpu kernels: x has {x.shape[-1]} features; the weight takes {k}")
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu kernels: x is on {x.device}; they run on the CPU")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
+        y = _gemv(desc, x2, bias)
+    else:
+        y = _slab_matmul(desc, x2, bias)
+    return y.reshape(*lead, n)
+
+
+def _gemv(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, _ = desc.shape
+    xf = x2.to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    rc = cpu_build.library().qs_gemv(desc.ref, xf.data_ptr(), x2.shape[0], y.data_ptr(),
+                                     None if bf is None else bf.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"cpu kernels: the GEMV of a {desc.shape} weight failed")
+    return y if x2.dtype == torch.float32 else y.to(x2.dtype)
+
+
+def slab_rows(k: int, dtype: torch.dtype) -> int:
+    """Rows of one dequantized slab: about SLAB_BYTES, a multiple of 64."""
+    rows = SLAB_BYTES // (k * torch.empty((), dtype=dtype).element_size())
+    return max(64, rows // 64 * 64)
+
+
+def _slab_matmul(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = desc.shape
+    dtype = x2.dtype if x2.dtype in _OUT_DTYPES else torch.float32
+    xc = x2.to(dtype)
+    rows = min(n, slab_rows(k, dtype))
+    slab = torch.empty(rows, k, dtype=dtype)
+    y = torch.empty(x2.shape[0], n, dtype=dtype)
+    b = None if bias is None else bias.to(dtype)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = slab[: n1 - n0]
+        _dequantize_rows(desc, n0, n1, w)
+        if b is None:
+            torch.mm(xc, w.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(b[n0:n1], xc, w.t(), out=y[:, n0:n1])
+    return y if dtype == x2.dtype else y.to(x2.dtype)
+
+
+__all__ = ["CpuKernelsUnavailable", "GEMV_MAX_M", "dequantize", "descriptor", "linear", "problem"]

@@ -1,0 +1,455 @@
+/* quantserve CPU kernels: row decoders for the non-GGUF packed formats, and the shared drivers (dequantize, GEMV).
+ *
+ * Every decoder writes one row of the (N, K) weight as float32 with the torch reference's values: the same float32
+ * operations in the same order (the build forbids FMA contraction), then rounding to the format's own dtype. The
+ * AVX-512 paths compute exactly what the scalar paths compute, sixteen lanes at a time.
+ */
+#include "qs_cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QS_AVX2 1
+#endif
+
+/* ---- scalar conversions ------------------------------------------------------------------------------------ */
+
+static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return f32_of_bits(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        float v = (float)man * (1.0f / 16777216.0f); /* man * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+static inline uint16_t float_to_bf16_bits(float f) {
+    uint32_t u = bits_of_f32(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return f32_of_bits((uint32_t)float_to_bf16_bits(f) << 16); }
+
+static inline uint16_t float_to_half_bits(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    /* round to nearest even, subnormals and overflow included */
+    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000;
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00);
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00);
+    if (a < 0x38800000u) { /* subnormal half */
+        float v = f32_of_bits(a) * 16777216.0f; /* in units of 2^-24 */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v));
+    }
+    uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+#endif
+}
+
+static inline float round_f16(float f) { return half_to_float(float_to_half_bits(f)); }
+
+static inline float round_to(float f, int32_t dtype) {
+    return dtype == QS_BF16 ? round_bf16(f) : dtype == QS_F16 ? round_f16(f) : f;
+}
+
+/* element i of an auxiliary tensor of any supported dtype, as float */
+static inline float load_f(const void *p, int32_t dtype, int64_t i) {
+    switch (dtype) {
+    case QS_F32: return ((const float *)p)[i];
+    case QS_BF16: return f32_of_bits((uint32_t)((const uint16_t *)p)[i] << 16);
+    case QS_F16: return half_to_float(((const uint16_t *)p)[i]);
+    case QS_I8: return (float)((const int8_t *)p)[i];
+    case QS_U8: return (float)((const uint8_t *)p)[i];
+    case QS_I16: return (float)((const int16_t *)p)[i];
+    case QS_I32: return (float)((const int32_t *)p)[i];
+    default: return NAN;
+    }
+}
+
+/* float8: e4m3fn through a half (its magnitude bits shifted into a half, times 2^8: exact, subnormals too);
+ * e5m2 is the top byte of a half */
+static inline float fp8_to_float(uint8_t b, int e5m2) {
+    if (e5m2) return half_to_float((uint16_t)b << 8);
+    if ((b & 0x7F) == 0x7F) return NAN;
+    float v = half_to_float((uint16_t)((b & 0x7F) << 7)) * 256.0f;
+    return (b & 0x80) ? -v : v;
+}
+
+static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                               0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* ---- AVX-512 helpers ----------------------------------------------------------------------------------------- */
+#ifdef QS_AVX512
+/* 8 bytes -> 16 nibble indices (int32), high nibble first when hi_first, else low first */
+static inline __m512i nibbles16(const uint8_t *p, int hi_first) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    __m128i seq = hi_first ? _mm_unpacklo_epi8(hi, lo) : _mm_unpacklo_epi8(lo, hi);
+    return _mm512_cvtepu8_epi32(seq);
+}
+
+static inline __m512 round_bf16_v(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), v);
+}
+
+static inline __m512 round_f16_v(__m512 v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* 16 float8 bytes -> 16 floats (see fp8_to_float) */
+static inline __m512 fp8x16(const uint8_t *p, int e5m2) {
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    if (e5m2) return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
+    __m256i mag = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
+    __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(mag, sign)), _mm512_set1_ps(256.0f));
+    __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
+    return _mm512_mask_blend_ps(nan, v, _mm512_set1_ps(NAN));
+}
+#endif
+
+static void round_row(float *out, int64_t k, int32_t dtype) {
+    if (dtype != QS_BF16 && dtype != QS_F16) return;
+    int64_t i = 0;
+#ifdef QS_AVX512
+    for (; i + 16 <= k; i += 16) {
+        __m512 v = _mm512_loadu_ps(out + i);
+        _mm512_storeu_ps(out + i, dtype == QS_BF16 ? round_bf16_v(v) : round_f16_v(v));
+    }
+#endif
+    for (; i < k; i++) out[i] = round_to(out[i], dtype);
+}
+
+/* ---- row decoders -------------------------------------------------------------------------------------------- */
+
+static inline float bnb_absmax(const qs_weight *w, int64_t block) {
+    if (!w->nested_map) return ((const float *)w->scale)[block];
+    uint8_t code = ((const uint8_t *)w->scale)[block];
+    /* reference: codes * scale + offset, each a float32 operation */
+    return w->nested_map[code] * w->nested_absmax[block / w->nested_blocksize] + w->offset;
+}
+
+static void decode_bnb4(const qs_weight *w, int64_t n, float *out) {
+    const int64_t k = w->k, bs = w->group, f0 = n * k;
+    int64_t i = 0;
+#ifdef QS_AVX512
+    if ((f0 % bs) == 0 && (k % bs) == 0 && (bs % 32) == 0) { /* blocks start and end inside the row */
+        const __m512 lut = _mm512_loadu_ps(w->lut);
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        const uint8_t *q = w->data + f0 / 2;
+        const int64_t block0 = f0 / bs;
+        for (int64_t b = 0; b < k / bs; b++) {
+            const __m512 a = _mm512_set1_ps(bnb_absmax(w, block0 + b));
+            for (int64_t j = 0; j < bs; j += 32, i += 32) {
+                /* 16 bytes, 32 codes: element 2t is byte t's high nibble, 2t + 1 its low nibble */
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+                __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+                __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+                _mm512_storeu_ps(out + i, _mm512_mul_ps(c0, a));
+                _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(c1, a));
+            }
+        }
+    }
+#endif
+    for (; i < k; i++) {
+        int64_t f = f0 + i;
+        uint8_t byte = w->data[f >> 1];
+        out[i] = w->lut[(f & 1) ? (byte & 0xF) : (byte >> 4)] * bnb_absmax(w, f / bs);
+    }
+    round_row(out, k, w->round_dtype);
+}
+
+static void decode_int8_rows(const qs_weight *w, int64_t n, float *out) {
+    const int8_t *q = (const int8_t *)(w->data + n * w->data_stride);
+    float scale = load_f(w->scale, w->scale_dtype, n * w->scale_stride_n);
+    if (w->divisor != 1.0f) scale = scale / w->divisor;
+    const float zero = w->zero ? load_f(w->zero, w->zero_dtype, n) : 0.0f;
+    int64_t i = 0;
+#ifdef QS_AVX512
+    const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+    for (; i + 16 <= w->k; i += 16) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
+        if (w->zero) v = _mm512_sub_ps(v, z);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(v, s));
+    }
+#endif
+    for (; i < w->k; i++) out[i] = (w->zero ? (float)q[i] - zero : (float)q[i]) * scale;
+    round_row(out, w->k, w->round_dtype);
+}
+
+static void decode_float8(const qs_weight *w, int64_t n, float *out) {
+    const uint8_t *q = w->data + n * w->data_stride;
+    const float scale = load_f(w->scale, w->scale_dtype, n * w->scale_stride_n);
+    const int e5m2 = w->kind == 1;
+    int64_t i = 0;
+#ifdef QS_AVX512
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; i + 16 <= w->k; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(fp8x16(q + i, e5m2), s));
+#endif
+    for (; i < w->k; i++) out[i] = fp8_to_float(q[i], e5m2) * scale;
+    round_row(out, w->k, w->round_dtype);
+}
+
+static void decode_int4_grouped(const qs_weight *w, int64_t n, float *out) {
+    const uint8_t *q = w->data + n * w->data_stride;
+    const int64_t g = w->group, groups = w->k / g;
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t at = n * w->scale_stride_n + j * w->scale_stride_g;
+        const float s = load_f(w->scale, w->scale_dtype, at), z = load_f(w->zero, w->zero_dtype, at);
+        int64_t i = j * g;
+        const int64_t end = i + g;
+#ifdef QS_AVX512
+        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z), eight = _mm512_set1_ps(8.0f);
+        if ((i % 2) == 0)
+            for (; i + 16 <= end; i += 16) {
+                /* two's-complement nibble c -> (c ^ 8) - 8 */
+                __m512i c = nibbles16(q + i / 2, 0);
+                __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_xor_si512(c, _mm512_set1_epi32(8))), eight);
+                _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_mul_ps(v, sv), zv));
+            }
+#endif
+        for (; i < end; i++) {
+            uint8_t byte = q[i >> 1];
+            int c = (i & 1) ? (byte >> 4) : (byte & 0xF);
+            out[i] = (float)((c ^ 8) - 8) * s + z;
+        }
+    }
+    round_row(out, w->k, w->round_dtype);
+}
+
+static void decode_quanto(const qs_weight *w, int64_t n, float *out) {
+    const int bits = w->kind, mask = (1 << bits) - 1;
+    const int64_t g = w->group, groups = w->k / g, rows = w->packed_rows;
+    const int32_t dt = w->scale_dtype;
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t r = n * groups + j;
+        const uint8_t *q = w->data + (r % rows) * w->data_stride;
+        const int shift = bits * (int)(r / rows);
+        const float s = load_f(w->scale, dt, r), z = load_f(w->zero, w->zero_dtype, r);
+        float *o = out + j * g;
+        int64_t i = 0;
+#ifdef QS_AVX512
+        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+        const __m512i m = _mm512_set1_epi32(mask);
+        for (; i + 16 <= g; i += 16) {
+            __m512i c = _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), shift), m);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(c), sv);
+            v = dt == QS_BF16 ? round_bf16_v(v) : dt == QS_F16 ? round_f16_v(v) : v;
+            v = _mm512_sub_ps(v, zv);
+            v = dt == QS_BF16 ? round_bf16_v(v) : dt == QS_F16 ? round_f16_v(v) : v;
+            _mm512_storeu_ps(o + i, v);
+        }
+#endif
+        for (; i < g; i++) {
+            float v = round_to((float)((q[i] >> shift) & mask) * s, dt);
+            o[i] = round_to(v - z, dt);
+        }
+    }
+}
+
+static void decode_nvfp4(const qs_weight *w, int64_t n, float *out) {
+    const uint8_t *q = w->data + n * w->data_stride;
+    const uint8_t *bs = (const uint8_t *)w->scale + n * w->scale_stride_n;
+    const int64_t b = w->group, blocks = w->k / b;
+    int64_t j = 0;
+#ifdef QS_AVX512
+    if (b == 16) {
+        const __m512 lut = _mm512_loadu_ps(E2M1), g = _mm512_set1_ps(w->global_scale);
+        for (; j + 16 <= blocks; j += 16) {
+            /* sixteen blocks of sixteen: their scales at once, then each block */
+            float per_block[16];
+            _mm512_storeu_ps(per_block, _mm512_mul_ps(fp8x16(bs + j, 0), g));
+            for (int t = 0; t < 16; t++) {
+                const int64_t i = (j + t) * 16;
+                _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(nibbles16(q + i / 2, 0), lut),
+                                                        _mm512_set1_ps(per_block[t])));
+            }
+        }
+    }
+#endif
+    for (; j < blocks; j++) {
+        const float per_block = fp8_to_float(bs[j], 0) * w->global_scale;
+        for (int64_t i = j * b; i < (j + 1) * b; i++) {
+            uint8_t byte = q[i >> 1];
+            out[i] = E2M1[(i & 1) ? (byte >> 4) : (byte & 0xF)] * per_block;
+        }
+    }
+}
+
+static int decode_gguf(const qs_weight *w, int64_t n, float *out) {
+    return qs_gguf_decode_row(w->kind, w->data + n * w->data_stride, w->k, out);
+}
+
+/* decode row n into out (k floats); 0 or -1 */
+static int decode_row(const qs_weight *w, int64_t n, float *out) {
+    switch (w->fmt) {
+    case QS_FMT_BNB4: decode_bnb4(w, n, out); return 0;
+    case QS_FMT_INT8_ROWS: decode_int8_rows(w, n, out); return 0;
+    case QS_FMT_FLOAT8: decode_float8(w, n, out); return 0;
+    case QS_FMT_INT4_GROUPED: decode_int4_grouped(w, n, out); return 0;
+    case QS_FMT_QUANTO: decode_quanto(w, n, out); return 0;
+    case QS_FMT_NVFP4: decode_nvfp4(w, n, out); return 0;
+    case QS_FMT_GGUF: return decode_gguf(w, n, out);
+    default: return -1;
+    }
+}
+
+int qs_supported(int32_t fmt, int32_t kind) {
+    if (fmt == QS_FMT_GGUF) return qs_gguf_supported(kind);
+    if (fmt == QS_FMT_QUANTO) return (kind == 2 || kind == 4) ? 0 : -1;
+    if (fmt == QS_FMT_FLOAT8) return (kind == 0 || kind == 1) ? 0 : -1;
+    return (fmt >= QS_FMT_BNB4 && fmt <= QS_FMT_NVFP4) ? 0 : -1;
+}
+
+/* ---- drivers ------------------------------------------------------------------------------------------------- */
+
+static void store_row(const float *src, int64_t k, void *dst, int32_t dtype) {
+    int64_t i = 0;
+    if (dtype == QS_F32) { if ((const void *)src != dst) memcpy(dst, src, (size_t)k * 4); return; }
+    uint16_t *o = (uint16_t *)dst;
+#ifdef QS_AVX512
+    for (; i + 16 <= k; i += 16) {
+        __m512 v = _mm512_loadu_ps(src + i);
+        __m256i h;
+        if (dtype == QS_BF16) {
+            __m512i u = _mm512_castps_si512(round_bf16_v(v));
+            h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+        } else {
+            h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        _mm256_storeu_si256((__m256i *)(o + i), h);
+    }
+#endif
+    for (; i < k; i++) o[i] = dtype == QS_BF16 ? float_to_bf16_bits(src[i]) : float_to_half_bits(src[i]);
+}
+
+int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t out_dtype) {
+    if (n0 < 0 || n1 > w->n || n0 > n1 || qs_supported(w->fmt, w->kind) != 0) return -1;
+    if (out_dtype != QS_F32 && out_dtype != QS_BF16 && out_dtype != QS_F16) return -1;
+    const int64_t k = w->k, esize = out_dtype == QS_F32 ? 4 : 2;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *buf = out_dtype == QS_F32 ? NULL : (float *)malloc((size_t)k * sizeof(float));
+        if (out_dtype != QS_F32 && !buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            if (failed) continue;
+            char *dst = (char *)out + (n - n0) * k * esize;
+            float *row = buf ? buf : (float *)dst;
+            if (decode_row(w, n, row) != 0) { failed = 1; continue; }
+            if (buf) store_row(row, k, dst, out_dtype);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* GEMV tiles: RB weight rows (decoded into a float32 buffer) times MR activation rows, accumulated in registers, so
+ * each activation vector is read once per RB weight rows and each weight value once per MR activation rows. */
+#define RB 4
+
+static inline __attribute__((always_inline)) void tile(const float *wbuf, int64_t k, const float *const *xs,
+                                                       const int mr, float acc[RB][4]) {
+    int64_t i = 0;
+#ifdef QS_AVX512
+    __m512 s[RB][4];
+    for (int j = 0; j < RB; j++)
+        for (int r = 0; r < mr; r++) s[j][r] = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+        __m512 xv[4];
+        for (int r = 0; r < mr; r++) xv[r] = _mm512_loadu_ps(xs[r] + i);
+        for (int j = 0; j < RB; j++) {
+            const __m512 wv = _mm512_loadu_ps(wbuf + j * k + i);
+            for (int r = 0; r < mr; r++) s[j][r] = _mm512_fmadd_ps(wv, xv[r], s[j][r]);
+        }
+    }
+    for (int j = 0; j < RB; j++)
+        for (int r = 0; r < mr; r++) acc[j][r] = _mm512_reduce_add_ps(s[j][r]);
+#else
+    for (int j = 0; j < RB; j++)
+        for (int r = 0; r < mr; r++) acc[j][r] = 0.0f;
+#endif
+    for (; i < k; i++)
+        for (int j = 0; j < RB; j++)
+            for (int r = 0; r < mr; r++) acc[j][r] += wbuf[j * k + i] * xs[r][i];
+}
+
+int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float *bias) {
+    if (qs_supported(w->fmt, w->kind) != 0 || m < 0) return -1;
+    const int64_t k = w->k, nout = w->n, blocks = (nout + RB - 1) / RB;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *buf = (float *)malloc((size_t)(RB * k) * sizeof(float));
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (failed) continue;
+            const int64_t n0 = b * RB;
+            const int rows = (int)(nout - n0 < RB ? nout - n0 : RB);
+            for (int j = 0; j < RB; j++) /* a short last block repeats its last row; the extra sums are dropped */
+                if (decode_row(w, n0 + (j < rows ? j : rows - 1), buf + j * k) != 0) failed = 1;
+            if (failed) continue;
+            for (int64_t r0 = 0; r0 < m; r0 += 4) {
+                const int mr = (int)(m - r0 < 4 ? m - r0 : 4);
+                const float *xs[4];
+                for (int r = 0; r < 4; r++) xs[r] = x + (r0 + (r < mr ? r : mr - 1)) * k;
+                float acc[RB][4];
+                switch (mr) {
+                case 1: tile(buf, k, xs, 1, acc); break;
+                case 2: tile(buf, k, xs, 2, acc); break;
+                case 3: tile(buf, k, xs, 3, acc); break;
+                default: tile(buf, k, xs, 4, acc); break;
+                }
+                for (int j = 0; j < rows; j++)
+                    for (int r = 0; r < mr; r++)
+                        y[(r0 + r) * nout + n0 + j] = acc[j][r] + (bias ? bias[n0 + j] : 0.0f);
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+int qs_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+const char *qs_isa(void) {
+#ifdef QS_AVX512
+    return "avx512";
+#elif defined(QS_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}

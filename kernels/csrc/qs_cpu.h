@@ -1,0 +1,70 @@
+/* quantserve's native CPU kernels: dequantize every packed format and run a fused dequantize-GEMV.
+ *
+ * One descriptor (qs_weight) says where a packed weight's tensors are and how to read them; the Python side
+ * (kernels/cpu.py) fills it from a kernels/formats.py dataclass without copying any tensor. Every format has a
+ * row decoder that writes one row of the (N, K) weight as float32, with exactly the values of the torch reference
+ * (kernels/reference.py): the same float32 operations in the same order, then the same rounding to the format's
+ * own dtype. The drivers (dequantize rows, GEMV) are shared by all formats and parallel over rows with OpenMP.
+ *
+ * Built by kernels/cpu_build.py with -O3 -march=native -ffp-contract=off (no fused multiply-add contraction, so
+ * results match the reference bit for bit) and loaded through ctypes.
+ */
+#ifndef QS_CPU_H
+#define QS_CPU_H
+
+#include <stdint.h>
+
+/* formats (qs_weight.fmt) */
+enum {
+    QS_FMT_BNB4 = 1,        /* bitsandbytes NF4/FP4: flat codes, high nibble first, absmax per block (maybe nested) */
+    QS_FMT_INT8_ROWS = 2,   /* int8 (N, K): w = (q - zero[n]) * (scale[n] / divisor) */
+    QS_FMT_FLOAT8 = 3,      /* float8 (N, K): w = float(q) * scale[n or 0]; kind 0 e4m3fn, 1 e5m2 */
+    QS_FMT_INT4_GROUPED = 4,/* torchao int4: int8 (N, K/2), low nibble even column; w = q * scale + zero */
+    QS_FMT_QUANTO = 5,      /* optimum-quanto int4/int2 packed along the group axis; kind = bits */
+    QS_FMT_NVFP4 = 6,       /* e2m1 codes (N, K/2) low nibble even column, e4m3 scale per block, global scale */
+    QS_FMT_GGUF = 7         /* raw ggml blocks (N, row bytes); kind = ggml type id */
+};
+
+/* element dtypes of auxiliary tensors and of outputs */
+enum { QS_F32 = 0, QS_BF16 = 1, QS_F16 = 2, QS_I8 = 3, QS_U8 = 4, QS_I16 = 5, QS_I32 = 6 };
+
+typedef struct qs_weight {
+    int32_t fmt, kind;
+    int64_t n, k;
+    const uint8_t *data;       /* the codes */
+    int64_t data_stride;       /* bytes from one row of `data` to the next (row-major layouts) */
+    const void *scale;         /* per row / group / block scale (absmax for BNB4) */
+    int32_t scale_dtype;
+    int64_t scale_stride_n;    /* elements between rows (n) */
+    int64_t scale_stride_g;    /* elements between groups (g) within a row */
+    const void *zero;          /* zero point (INT8_ROWS, INT4_GROUPED) or shift (QUANTO); NULL: none */
+    int32_t zero_dtype;
+    int64_t group;             /* BNB4 blocksize, INT4/QUANTO group size, NVFP4 block size */
+    int64_t packed_rows;       /* QUANTO: rows of `data` */
+    const float *lut;          /* BNB4: quant_map (16 floats) */
+    const float *nested_map;   /* BNB4 double quantization: 256 floats; NULL when not nested */
+    const float *nested_absmax;
+    int64_t nested_blocksize;
+    float offset;              /* BNB4 nested offset */
+    float divisor;             /* INT8_ROWS */
+    float global_scale;        /* NVFP4 */
+    int32_t round_dtype;       /* round every value to this dtype (QS_F32: none), as the backend's output is */
+} qs_weight;
+
+/* 0 when the build has this format (and ggml type), else -1. */
+int qs_supported(int32_t fmt, int32_t kind);
+/* Rows [n0, n1) of the dequantized weight into `out` ((n1 - n0) x k, row-major) in out_dtype (F32, BF16, F16). */
+int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t out_dtype);
+/* y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for m < M; x (M, K) and y (M, N) float32 row-major. */
+int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float *bias);
+/* The number of OpenMP threads the kernels use. */
+int qs_threads(void);
+/* What the build vectorizes with ("avx512", "avx2" or "scalar"). */
+const char *qs_isa(void);
+
+/* GGUF (qs_gguf.c): decode one row of `k` weights of ggml type `qtype` from its raw blocks; 0, or -1 for a type
+ * the build does not know. Exactly the float32 values of kernels/gguf.py (and so of gguf-py). */
+int qs_gguf_decode_row(int32_t qtype, const uint8_t *row, int64_t k, float *out);
+int qs_gguf_supported(int32_t qtype);
+
+#endif
