@@ -1,11 +1,14 @@
-"""quantserve's Triton kernels as router candidates, and the adapters that hand each backend's weight to them.
+"""quantserve's own kernels as router candidates, and the adapters that hand each backend's weight to them.
 
-Importing this module registers two candidates with the router (idempotent):
+Importing this module registers four candidates with the router (idempotent):
 - "triton_fused" (preference 10): Triton's fused dequantize-matmul (split-K for M <= 16, tiled above);
-- "triton_dequant" (preference 30): Triton dequantizes the weight to the activation dtype, torch runs the matmul.
+- "cpu_fused" (preference 15): the native CPU kernels' fused dequantize-GEMV (M <= 16), slabs above;
+- "triton_dequant" (preference 30): Triton dequantizes the weight to the activation dtype, torch runs the matmul;
+- "cpu_dequant" (preference 35): the CPU kernels dequantize slabs of rows, torch's GEMM multiplies each.
 
-Both run a layer when its format has an adapter here and the device is CUDA, or the CPU while TRITON_INTERPRET=1 is
-set (Triton's interpreter, for tests). An adapter reads a backend's QuantizedWeight (its buffers and meta, by `fmt`)
+The Triton ones run a layer when its format has an adapter here and the device is CUDA, or the CPU while
+TRITON_INTERPRET=1 is set (Triton's interpreter, for tests); the CPU ones on the CPU wherever a C compiler built
+kernels/csrc (kernels/cpu_build.py). An adapter reads a backend's QuantizedWeight (its buffers and meta, by `fmt`)
 into a `quantserve.kernels.formats` object, viewing the backend's tensors without copying; the result is cached on
 the weight and rebuilt when its buffers change (e.g. after `.to()`).
 """
@@ -34,6 +37,7 @@ from .quant_linear import QuantLinear
 from .router import Candidate, register_candidate
 
 FUSED, DEQUANT = "triton_fused", "triton_dequant"
+CPU_FUSED, CPU_DEQUANT = "cpu_fused", "cpu_dequant"
 _CACHE_ATTR = "_quantserve_packed_format"
 
 Adapter = Callable[[QuantizedWeight], PackedWeight]
@@ -235,12 +239,47 @@ def can_run_triton(layer: QuantLinear, device: torch.device) -> tuple[bool, str]
     return (False, problem) if problem else (True, "")
 
 
+def cpu_fused_kernel(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU kernels' fused dequantize-GEMV (slab dequantize + GEMM above GEMV_MAX_M rows)."""
+    from ..kernels import cpu
+
+    return cpu.linear(x, packed_format(weight), bias)
+
+
+def cpu_dequant_kernel(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU kernels dequantize cache-sized slabs of rows; torch's GEMM multiplies each."""
+    from ..kernels import cpu
+
+    return cpu.linear(x, packed_format(weight), bias, path="slab")
+
+
+def can_run_cpu(layer: QuantLinear, device: torch.device) -> tuple[bool, str]:
+    """Whether the native CPU kernels run this layer on `device`, and why not when they do not."""
+    if device.type != "cpu":
+        return False, f"the CPU kernels run on the CPU, not {device.type}"
+    from ..kernels import cpu
+
+    fmt = layer.qweight.fmt
+    if _find_adapter(fmt) is None:
+        return False, no_adapter_reason(fmt).replace("Triton kernel", "quantserve kernel")
+    try:
+        packed = packed_format(layer.qweight)
+    except (FormatError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        return False, f"format {fmt} cannot be handed to the CPU kernels: {exc}"
+    problem = cpu.problem(packed)
+    return (False, problem) if problem else (True, "")
+
+
 def register() -> None:
-    """Register the Triton candidates with the router (again: the same objects replace the old ones)."""
+    """Register quantserve's kernels with the router (again: the same objects replace the old ones)."""
     register_candidate(Candidate(FUSED, triton_fused_kernel, can_run_triton, 10,
                                  "Triton fused dequantize-matmul (split-K for M <= 16, tiled above)"))
+    register_candidate(Candidate(CPU_FUSED, cpu_fused_kernel, can_run_cpu, 15,
+                                 "CPU fused dequantize-GEMV (C, SIMD, OpenMP; slabs above 16 rows)"))
     register_candidate(Candidate(DEQUANT, triton_dequant_kernel, can_run_triton, 30,
                                  "Triton dequantize, then a dense matmul"))
+    register_candidate(Candidate(CPU_DEQUANT, cpu_dequant_kernel, can_run_cpu, 35,
+                                 "CPU dequantize in cache-sized slabs, each then a dense matmul"))
 
 
 register()

@@ -51,8 +51,10 @@ def _always(layer: QuantLinear, device: torch.device) -> tuple[bool, str]:
 
 
 # The fixed preference, used when the cache has nothing for a layer: quantserve's fused Triton kernel (preference
-# 10, small M on CUDA) first, then the backend's own kernel (20), Triton dequantize-then-GEMM (30), and the torch
-# reference last (90), which always runs.
+# 10, CUDA) first, then quantserve's fused CPU kernel (15, the CPU), the backend's own kernel (20), Triton
+# dequantize-then-GEMM (30), CPU slab dequantize-then-GEMM (35), and the torch reference last (90), which always
+# runs. quantserve's fused kernels come first because they read the packed weight once and never build the dense
+# one; the autotuner replaces this order with measured winners per shape.
 register_candidate(Candidate("native", native_kernel, _always, 20, "the backend's own kernel"))
 register_candidate(Candidate("reference", reference_kernel, _always, 90, "dequantize with torch, then a dense matmul"))
 

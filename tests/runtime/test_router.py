@@ -27,17 +27,19 @@ def test_m_buckets_are_powers_of_two():
 
 def test_fixed_preference_without_cache(nf4_model):
     decisions = route(nf4_model, "cpu", m=4)
-    assert decisions and all(d.kernel == "native" and "fixed preference" in d.reason for d in decisions)
-    assert all(set(d.runnable) >= {"native", "reference"} for d in decisions)
+    # on a CPU: quantserve's fused CPU kernel first, then the backend's, the CPU slabs, the reference
+    assert decisions and all(d.kernel == "cpu_fused" and "fixed preference" in d.reason for d in decisions)
+    assert all(d.runnable == ["cpu_fused", "native", "cpu_dequant", "reference"] for d in decisions)
 
 
 def test_policy_forces_and_disables_by_pattern(nf4_model):
-    policy = KernelPolicy.from_dict({"force": {"proj_out_*": "reference"}, "disable": {"*attn1*": ["native"]}})
+    policy = KernelPolicy.from_dict({"force": {"proj_out_*": "reference"},
+                                     "disable": {"*attn1*": ["cpu_fused", "native"]}})
     decisions = {d.layer: d for d in route(nf4_model, "cpu", m=4, policy=policy)}
     assert decisions["proj_out_1"].kernel == "reference" and decisions["proj_out_1"].reason == "forced by kernel policy"
-    assert decisions["transformer_blocks.0.attn1.to_q"].kernel == "reference"
+    assert decisions["transformer_blocks.0.attn1.to_q"].kernel == "cpu_dequant"
     assert decisions["transformer_blocks.0.attn1.to_q"].rejected["native"] == "disabled by kernel policy"
-    assert decisions["transformer_blocks.0.ff.net.2"].kernel == "native"
+    assert decisions["transformer_blocks.0.ff.net.2"].kernel == "cpu_fused"
     assert nf4_model.proj_out_1.kernel_name == "reference"
 
 
@@ -58,7 +60,8 @@ def test_autotune_stores_winners_and_a_warm_start_tunes_nothing(nf4_model, tmp_p
     stored = json.loads(cache.path.read_text())[device_key("cpu")]
     assert set(stored) == {r.key for r in results}
     for entry in stored.values():
-        assert entry["winner"] in entry["timings_ms"] and set(entry["timings_ms"]) == {"native", "reference"}
+        assert entry["winner"] in entry["timings_ms"]
+        assert set(entry["timings_ms"]) == {"cpu_fused", "cpu_dequant", "native", "reference"}
     mtime = cache.path.stat().st_mtime_ns
     again = autotune(nf4_model, [2, 16], device="cpu", cache=TuneCache(cache.path))
     assert all(r.cached for r in again) and cache.path.stat().st_mtime_ns == mtime, "warm start rewrites nothing"
@@ -72,7 +75,7 @@ def test_a_kernel_that_strays_from_the_reference_is_rejected(nf4_model):
     try:
         result = tune_layer(nf4_model.proj_out_1, "proj_out_1", 8, torch.device("cpu"))
         assert "wrong" in result.rejected and "strays" in result.rejected["wrong"]
-        assert result.winner in ("native", "reference")
+        assert result.winner in ("cpu_fused", "cpu_dequant", "native", "reference")
     finally:
         del _CANDIDATES[wrong.name]
 
@@ -90,10 +93,10 @@ def test_load_model_routes_with_policy_and_warm_cache(tmp_path, monkeypatch):
     folder = save_tiny("dit", tmp_path / "dit")
     model = load_model(folder, "nf4", kernel_policy={"force": {"proj_out_*": "reference"}})
     assert model.proj_out_1.kernel_name == "reference" and model.proj_out_1.kernel_reason == "forced by kernel policy"
-    assert model.transformer_blocks[0].attn1.to_q.kernel_name == "native"
+    assert model.transformer_blocks[0].attn1.to_q.kernel_name == "cpu_fused"
     report = {l.name: l for l in model.quantserve_report.layers}
     assert report["proj_out_1"].kernel == "reference"
-    monkeypatch.setenv("QUANTSERVE_DISABLE_KERNELS", "native")
+    monkeypatch.setenv("QUANTSERVE_DISABLE_KERNELS", "cpu_fused|cpu_dequant,*=native")
     assert load_model(folder, "nf4").proj_out_2.kernel_name == "reference"
     # a warm autotune cache is read at load: each layer gets its tuned winner
     monkeypatch.delenv("QUANTSERVE_DISABLE_KERNELS")

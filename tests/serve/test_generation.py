@@ -76,7 +76,7 @@ def test_one_bad_job_does_not_fail_its_batch(bf16: LoadedVariant) -> None:
 
 
 def test_gemm_probe_times_the_layers_by_backend_and_kernel(bf16: LoadedVariant, nf4: LoadedVariant) -> None:
-    for loaded, key in ((bf16, ("dense", "torch")), (nf4, ("bitsandbytes", "native"))):
+    for loaded, key in ((bf16, ("dense", "torch")), (nf4, ("bitsandbytes", "cpu_fused"))):
         probe = GemmProbe(loaded.pipe.transformer, every=2)
         generator = BatchGenerator(loaded.pipe, probe=probe)
         _, sampled = generator.run([job()])
