@@ -71,8 +71,8 @@ def _import_backend_libraries() -> None:
     logging.disable(logging.NOTSET)
 
 
-def worker(model_dir: Path, scheme: str, via: str) -> dict:
-    """One measurement, in this (fresh) process."""
+def worker(model_dir: Path, scheme: str, via: str, forward: bool = True) -> dict:
+    """One measurement, in this (fresh) process; `forward=False` measures the load only."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -98,6 +98,10 @@ def worker(model_dir: Path, scheme: str, via: str) -> dict:
         bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mib()
+    row = {"scheme": scheme, "via": via, "load_s": load_s, "load_peak_rss_mib": load_peak, "baseline_rss_mib": baseline,
+           "model_bytes": model_bytes, "bf16_bytes": bf16_bytes}
+    if not forward:
+        return {**row, "peak_rss_mib": peak_rss_mib(), "forward_s": None}
     inputs = dummy_inputs(model, dtype=torch.bfloat16)
     with torch.no_grad():
         model(**inputs, return_dict=False)  # warm-up
@@ -106,13 +110,12 @@ def worker(model_dir: Path, scheme: str, via: str) -> dict:
             t = time.perf_counter()
             model(**inputs, return_dict=False)
             times.append(time.perf_counter() - t)
-    return {"scheme": scheme, "via": via, "load_s": load_s, "load_peak_rss_mib": load_peak, "peak_rss_mib": peak_rss_mib(),
-            "baseline_rss_mib": baseline,
-            "model_bytes": model_bytes, "bf16_bytes": bf16_bytes, "forward_s": sorted(times)[1]}
+    return {**row, "peak_rss_mib": peak_rss_mib(), "forward_s": sorted(times)[1]}
 
 
-def run_one(model_dir: Path, scheme: str, via: str, timeout_s: float) -> dict:
+def run_one(model_dir: Path, scheme: str, via: str, timeout_s: float, forward: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", str(model_dir), "--schemes", scheme, "--via", via]
+    cmd += [] if forward else ["--no-forward"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -140,9 +143,11 @@ def table(rows: list[dict], bf16: dict, bound_extra_mib: float) -> str:
         over = r["load_peak_rss_mib"] - r["baseline_rss_mib"]
         bound = r["model_bytes"] / 2**20 + bound_extra_mib
         with_forward = r["peak_rss_mib"] - r["baseline_rss_mib"]
-        out.append(f"| {r['scheme']} | {r['via']} | {r['load_s']:.2f} | {over:.0f} | {bound:.0f} | {with_forward:.0f} | "
-                   f"{r['model_bytes'] / 2**20:.0f} | {r['model_bytes'] / bf16['model_bytes']:.3f}x | "
-                   f"{r['forward_s']:.3f} | {r['forward_s'] / bf16['forward_s']:.2f}x |")
+        forward = (f"{r['forward_s']:.3f} | {r['forward_s'] / bf16['forward_s']:.2f}x" if r.get("forward_s") is not None
+                   else "not run | ")
+        out.append(f"| {r['scheme']} | {r['via']} | {r['load_s']:.2f} | {over:.0f} | {bound:.0f} | "
+                   f"{with_forward if r.get('forward_s') is not None else '-'} | "
+                   f"{r['model_bytes'] / 2**20:.0f} | {r['model_bytes'] / bf16['model_bytes']:.3f}x | {forward} |")
     return "\n".join(out)
 
 
@@ -154,21 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-mib", type=float, default=256.0,
                         help="the fixed overhead allowed in the RSS bound (beyond quantized size + largest bf16 layer)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one scheme may take (default 900)")
+    parser.add_argument("--skip-forward", default="float8dq",
+                        help="schemes measured for load only (torchao's CPU float8 matmul takes tens of minutes)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-forward", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--via", default="quantserve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(Path(args.model), args.schemes, args.via)))
+        print(json.dumps(worker(Path(args.model), args.schemes, args.via, forward=not args.no_forward)))
         return 0
     model_dir = build_model(Path(args.workdir) / "flux-3072")
     schemes = [s for s in args.schemes.split(",") if s]
+    no_forward = {s for s in args.skip_forward.split(",") if s}
     rows = []
     for scheme in ["bf16"] + [s for s in schemes if s != "bf16"]:
         for via in ["quantserve"] + (["diffusers"] if scheme in DIFFUSERS_EQUIVALENT else []):
             name = DIFFUSERS_EQUIVALENT.get(scheme, scheme) if via == "diffusers" else scheme
             print(f"measuring {scheme} via {via} ...", file=sys.stderr, flush=True)
-            row = run_one(model_dir, name, via, args.timeout)
+            row = run_one(model_dir, name, via, args.timeout, forward=scheme not in no_forward)
             row["scheme"] = scheme
             rows.append(row)
     largest = largest_layer_bf16_mib(model_dir)

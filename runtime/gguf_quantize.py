@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..kernels.gguf import BLOCK_SIZES, DENSE_TYPES, IQ4_LEVELS, QK_K, qtype_name
+from .backends.chunking import CHUNK_ELEMENTS, map_rows, needs_chunks
 
 GROUP_MAX_EPS = 1e-15
 # gguf-py's own quantizers; everything else quantized goes through the torch ones below
@@ -25,12 +26,13 @@ GGUF_PY_TYPES = ("BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 _CHUNK_BLOCKS = 1024  # super-blocks per step of the candidate searches: bounds their temporary memory
 
 
-def quantize_gguf(weight: torch.Tensor, qtype: Any) -> torch.Tensor:
+def quantize_gguf(weight: torch.Tensor, qtype: Any, chunk_elements: int | None = CHUNK_ELEMENTS) -> torch.Tensor:
     """A dense tensor (..., n), n a multiple of the type's block size -> uint8 ggml bytes (..., n/block*type_size).
 
     F32/F16 give the plain values as bytes; BF16 and the legacy 32-blocks go through gguf-py (on the CPU);
     K-quants and IQ4 through the torch quantizers of this module, on the weight's own device. The bytes come back
-    on the weight's device.
+    on the weight's device. A big weight is quantized `chunk_elements` weights (whole rows) at a time: blocks never
+    straddle rows, so the bytes are those of one whole call, with bounded float32 temporaries (None: in one go).
     """
     name = qtype_name(qtype)
     if name not in BLOCK_SIZES:
@@ -38,6 +40,10 @@ def quantize_gguf(weight: torch.Tensor, qtype: Any) -> torch.Tensor:
     bs, ts = BLOCK_SIZES[name]
     if weight.dim() == 0 or weight.shape[-1] % bs:
         raise ValueError(f"quantize_gguf: a {name} row must be a multiple of {bs} weights; got shape {tuple(weight.shape)}")
+    rows = weight.detach().reshape(-1, weight.shape[-1])
+    if chunk_elements is not None and needs_chunks(rows, chunk_elements):
+        parts = map_rows(lambda c: quantize_gguf(c, qtype, chunk_elements=None), rows, chunk_elements)
+        return torch.cat(parts).reshape(*weight.shape[:-1], weight.shape[-1] // bs * ts)
     w = weight.detach().to(torch.float32).contiguous()
     if not torch.isfinite(w).all():
         raise ValueError(f"quantize_gguf: the weight holds NaN or infinite values; {name} blocks cannot encode them")

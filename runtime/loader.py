@@ -23,6 +23,7 @@ from torch import nn
 from .backends.base import Backend, QuantizedWeight, backend_for
 from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
 from .errors import ConfigTypeError, ConfigValueError
+from .memory import release_freed_memory
 from .model_files import CONFIG_NAME, SAFE_WEIGHTS, CheckpointError, SafetensorsSource, TensorSource, read_config
 from .quant_linear import QuantLinear
 from .report import LoadReport, measure
@@ -263,6 +264,9 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
             bias = loader.tensor(f"{name}.bias", (linear.out_features,)) if linear.bias is not None else None
             bias = bias.to(device, dtype) if bias is not None else None
             _set_submodule(model, name, QuantLinear(q.to(device), bias, compute_dtype=dtype))
+            if not pre_quantized:
+                del q
+                release_freed_memory()  # the quantizer's freed temporaries, before the next layer's
         loader.dense_rest()
         loader.leftovers()
     if backend is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizationConfigMixin
+from .chunking import CHUNK_ELEMENTS
 
 _BACKENDS: dict[type[QuantizationConfigMixin], type[Backend]] = {}
 
@@ -81,6 +82,8 @@ class Backend:
         self.config = config
         self.compute_dtype = compute_dtype
         self.options = options
+        # weights per step when a quantizer runs over row chunks of a big layer (bounds its temporaries)
+        self.chunk_elements = CHUNK_ELEMENTS
 
     # planning
     def skip_patterns(self) -> list[str]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import BitsAndBytesConfig, dtype_name
 from .base import Backend, QuantizedWeight
+from .chunking import map_rows
 
 BLOCKSIZE_4BIT = 64
 # bitsandbytes' CPU quantizer allocates ~15 bytes of temporaries per weight: quantize big layers in row chunks
@@ -122,9 +123,13 @@ class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
 
     def quantize(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
         if self.config.load_in_8bit:
-            cb, scb, _ = _bnb().functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            # LLM.int8 weights: an absmax per row, so row chunks give the same bytes with small fp16/fp32 temporaries
+            parts = map_rows(lambda c: _bnb().functional.int8_vectorwise_quant(c.to(torch.float16))[:2], weight,
+                             self.chunk_elements)
+            cb, scb = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             return BnBInt8Weight(cb, scb, {"threshold": self.config.llm_int8_threshold})
-        packed, state = quantize_4bit_chunked(weight.to(self.config.bnb_4bit_compute_dtype), self.config)
+        packed, state = quantize_4bit_chunked(weight.to(self.config.bnb_4bit_compute_dtype), self.config,
+                                              self.chunk_elements)
         return self._weight_from_state_dict(packed, state.as_dict(packed=True), tuple(weight.shape))
 
     def _weight_from_state_dict(self, packed: torch.Tensor, qs: dict[str, Any], shape: tuple[int, int]) -> BnB4bitWeight:

@@ -100,7 +100,7 @@ class GGUFBackend(Backend, config=GGUFQuantizationConfig):
                              f"only reads .gguf files; to quantize on load use a gguf-* scheme: {_gguf_schemes()}")
         if weight.dim() != 2:
             raise ValueError(f"gguf backend: {name!r}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
-        raw = quantize_gguf(weight, qtype).to(weight.device)
+        raw = quantize_gguf(weight, qtype, chunk_elements=self.chunk_elements).to(weight.device)
         return GGUFWeight(raw, qtype, tuple(weight.shape))
 
     def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],

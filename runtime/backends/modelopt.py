@@ -50,6 +50,7 @@ from torch import nn
 from ..config import NVIDIAModelOptConfig, dtype_name
 from ..errors import BackendUnavailableError, ConfigValueError
 from .base import Backend, QuantizedWeight
+from .chunking import absmax, map_rows, needs_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -656,14 +657,50 @@ class ModelOptBackend(Backend, config=NVIDIAModelOptConfig):
         if plan.kind is None:
             raise ConfigValueError(OWNER, "quant_cfg", name, "a layer whose weight quantizer the config enables",
                                    hint=plan.reason)
+        if not self._row_separable(plan) or not needs_chunks(weight, self.chunk_elements):
+            tensors = self._quantize_rows(name, weight, plan, None)
+        else:
+            # row chunks, each quantized by modelopt as the whole weight would be; a per-tensor amax (FP8's scale,
+            # NVFP4's global scale) is the whole weight's, found first in a chunked pass, so the bytes are the same
+            amax = absmax(weight, self.chunk_elements).to(QUANTIZE_DTYPE)
+            parts = map_rows(lambda c: self._quantize_rows(name, c, plan, amax), weight, self.chunk_elements)
+            tensors = {}
+            for key, first in parts[0].items():
+                if first.dim() == 0:
+                    if any(not torch.equal(p[key], first) for p in parts[1:]):
+                        raise RuntimeError(f"modelopt {name}: per-tensor {key} differs between row chunks")
+                    tensors[key] = first
+                else:
+                    tensors[key] = torch.cat([p[key] for p in parts])
+        meta = self._meta(plan, (out_features, in_features))
+        input_quantizer = _quantizer_from_state(plan.input_state, None) if plan.activation else None
+        if input_quantizer is not None and input_quantizer._dynamic:
+            meta["input_amax"] = "dynamic"
+        return ModelOptWeight(plan.fmt, meta, tensors, input_quantizer)
+
+    @staticmethod
+    def _row_separable(plan: LayerPlan) -> bool:
+        """Whether rows quantize independently given the per-tensor amax: not NF4 (its scales are quantized again in
+        blocks that span rows), nor blocks along the output axis."""
+        blocks = _from_json(plan.weight_state or {}).get("_block_sizes") or {}
+        return plan.kind != "nf4" and set(_block_dims(blocks)) <= {-1, 1}
+
+    def _quantize_rows(self, name: str, weight: torch.Tensor, plan: LayerPlan,
+                       global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """modelopt's quantize ("max" calibration) + compress of some rows of layer `name`, on a one-layer scaffold;
+        a per-tensor weight amax is replaced by `global_amax` (the whole weight's) before compressing."""
         mtq = _mtq()
+        out_features, in_features = weight.shape
         linear = nn.Linear(in_features, out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(weight.detach().to(QUANTIZE_DTYPE), requires_grad=False)
         root = _scaffold(name, linear)
         with _quiet(), torch.no_grad():
             mtq.quantize(root, {"quant_cfg": self.quant_cfg(), "algorithm": "max"}, forward_loop=None)
+            leaf = root.get_submodule(name)
+            amax = getattr(leaf.weight_quantizer, "amax", None)
+            if global_amax is not None and amax is not None and amax.numel() == 1:
+                leaf.weight_quantizer.amax = global_amax.to(amax.dtype).reshape(amax.shape)
             mtq.compress(root)
-        leaf = root.get_submodule(name)
         qtensor = leaf.weight.get_qtensor()
         expected = QTENSOR_CLASSES[plan.kind]
         if type(qtensor).__name__ != expected:
@@ -673,11 +710,7 @@ class ModelOptBackend(Backend, config=NVIDIAModelOptConfig):
             value = getattr(leaf.weight_quantizer, attr, None)
             if value is not None:
                 tensors[buffer] = value.detach()
-        meta = self._meta(plan, (out_features, in_features))
-        input_quantizer = _quantizer_from_state(plan.input_state, None) if plan.activation else None
-        if input_quantizer is not None and input_quantizer._dynamic:
-            meta["input_amax"] = "dynamic"
-        return ModelOptWeight(plan.fmt, meta, tensors, input_quantizer)
+        return tensors
 
     def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                     out_features: int, in_features: int) -> ModelOptWeight:

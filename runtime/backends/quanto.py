@@ -26,6 +26,7 @@ from torch import nn
 from ..config import QuantoConfig, dtype_name
 from ..model_files import CheckpointError
 from .base import Backend, QuantizedWeight
+from .chunking import map_rows
 
 logger = logging.getLogger(__name__)
 
@@ -247,23 +248,48 @@ class QuantoBackend(Backend, config=QuantoConfig):
 
     # loading
     def quantize(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
-        """As quanto's QLinear.freeze(): its optimizer and group size, the weight in the compute dtype."""
+        """As quanto's QLinear.freeze(): its optimizer and group size, the weight in the compute dtype.
+
+        quanto's scales are per row (8 bits) or per group of a row (4 and 2 bits), so the optimizer and quanto's
+        quantize op run over row chunks (in the compute dtype a chunk at a time) and the codes and scales are
+        joined: the same tensors as one whole-weight call, with small temporaries. 4- and 2-bit codes are packed
+        once over the whole weight, as quanto packs them (along the first axis, not per chunk)."""
         if weight.ndim != 2:
             raise ValueError(f"{name}: quanto quantizes 2-D Linear weights; got shape {tuple(weight.shape)}")
         q = _quanto()
         qtype = _qtype(self.qtype_name)
-        w = weight.detach().to(self.compute_dtype)
+        w = weight.detach()
         with torch.device("meta"):
-            layer = q.QLinear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, weights=qtype)
+            layer = q.QLinear(w.shape[1], w.shape[0], bias=False, dtype=self.compute_dtype, weights=qtype)
         group_size, optimizer = layer.weight_group_size, layer.optimizer
-        with torch.no_grad():
+        if w.shape[0] == 1:  # quanto quantizes a single row per tensor
+            with torch.no_grad():
+                w = w.to(self.compute_dtype)
+                scale, shift = ((optimizer(w, qtype=qtype, axis=0), None) if qtype.bits == 8
+                                else optimizer(w, qtype=qtype, axis=0, group_size=group_size))
+                t = q.quantize_weight(w, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group_size,
+                                      optimized=False)
+            return QuantoWeight.from_qtensor(t, optimized=True)
+
+        def one_chunk(c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            c = c.to(self.compute_dtype)
             if qtype.bits == 8:
-                scale, shift = optimizer(w, qtype=qtype, axis=0), None
-            else:
-                scale, shift = optimizer(w, qtype=qtype, axis=0, group_size=group_size)
+                scale = optimizer(c, qtype=qtype, axis=0)
+                return torch.ops.quanto.quantize_symmetric(c, dtype=qtype.dtype, axis=0, scale=scale), scale
+            scale, shift = optimizer(c, qtype=qtype, axis=0, group_size=group_size)
+            codes = torch.ops.quanto.quantize_affine(c, bits=qtype.bits, axis=0, group_size=group_size, scale=scale,
+                                                     shift=shift)
+            return codes, scale, shift
+
+        with torch.no_grad():
+            parts = map_rows(one_chunk, w, self.chunk_elements, min_rows=2)
+            joined = [torch.cat(list(p)) for p in zip(*parts)]
+            size, stride = torch.Size(w.shape), (w.shape[1], 1)
             # the generic subclass holds the exact scale and shift; the optimized one is rebuilt from them
-            t = q.quantize_weight(w, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group_size,
-                                  optimized=False)
+            if qtype.bits == 8:
+                t = q.WeightQBytesTensor(qtype, 0, size, stride, joined[0], joined[1], activation_qtype=None)
+            else:
+                t = q.WeightQBitsTensor(qtype, 0, group_size, size, stride, *joined)
         return QuantoWeight.from_qtensor(t, optimized=True)
 
     def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],

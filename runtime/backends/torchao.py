@@ -37,6 +37,7 @@ from ..config import TorchAoConfig
 from ..errors import BackendUnavailableError, ConfigValueError
 from ..model_files import CheckpointError
 from .base import Backend, QuantizedWeight
+from .chunking import absmax, map_rows, needs_chunks
 
 FMT_INT4 = "int4_grouped"
 FMT_PREFIX = "torchao:"
@@ -322,8 +323,16 @@ class Int4GroupedWeight(QuantizedWeight):
         return dequantize_int4_grouped(self.packed(), dtype)
 
 
-def _int4_weight(weight: torch.Tensor, cfg: Any) -> Int4GroupedWeight:
-    """int4wo: min-max (torchao's default) or HQQ (torchao's own HQQ solver) qparams, in int4_grouped."""
+def _row_axis(t: torch.Tensor, rows: int) -> int | None:
+    """The axis of a component tensor with one entry per weight row (the first such), None when it has none."""
+    return next((i for i, n in enumerate(t.shape) if n == rows), None)
+
+
+def _int4_weight(weight: torch.Tensor, cfg: Any, chunk_elements: int | None = None) -> Int4GroupedWeight:
+    """int4wo: min-max (torchao's default) or HQQ (torchao's own HQQ solver) qparams, in int4_grouped.
+
+    Min-max is per group of a row, so it runs over row chunks (same bytes); HQQ stays whole: its solver stops on
+    the error of the whole tensor, so chunks would take different iteration counts."""
     from torchao.quantization.quantize_.workflows.int4.int4_choose_qparams_algorithm import Int4ChooseQParamsAlgorithm
 
     group = int(cfg.group_size)
@@ -334,7 +343,12 @@ def _int4_weight(weight: torch.Tensor, cfg: Any) -> Int4GroupedWeight:
             weight, nbits=4, group_size=group, axis=1, compute_dtype=torch.bfloat16, device=weight.device,
             verbose=False, raw_output=False)
         return Int4GroupedWeight(int4_grouped_from_unsigned(codes, scale, zero, group), {"qparams": "hqq"})
-    return Int4GroupedWeight(quantize_int4_grouped(weight, group), {"qparams": "minmax"})
+    if chunk_elements is None or not needs_chunks(weight, chunk_elements):
+        return Int4GroupedWeight(quantize_int4_grouped(weight, group), {"qparams": "minmax"})
+    parts = map_rows(lambda c: quantize_int4_grouped(c, group), weight, chunk_elements)
+    packed = Int4Grouped(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts], dim=1),
+                         torch.cat([p.zero_point for p in parts], dim=1), group)
+    return Int4GroupedWeight(packed, {"qparams": "minmax"})
 
 
 def _int4_from_torchao(t: torch.Tensor) -> Int4GroupedWeight | None:
@@ -460,10 +474,49 @@ class TorchAoBackend(Backend, config=TorchAoConfig):
         if w.is_floating_point() and w.dtype != self.compute_dtype:
             w = w.to(self.compute_dtype)
         if isinstance(cfg, q.Int4WeightOnlyConfig):
-            return _int4_weight(w, cfg)
+            return _int4_weight(w, cfg, self.chunk_elements)
         if isinstance(cfg, q.Float8DynamicActivationFloat8WeightConfig) and w.device.type not in ("cuda", "xpu"):
-            return TorchAoWeight.from_subclass(_float8_dynamic_off_cuda(name, w, cfg))
-        return TorchAoWeight.from_subclass(self._quantize_(name, w, cfg))
+            return TorchAoWeight.from_subclass(self._chunked(w, lambda c: _float8_dynamic_off_cuda(name, c, cfg)))
+        return TorchAoWeight.from_subclass(self._chunked(w, lambda c: self._quantize_(name, c, cfg)))
+
+    def _chunked(self, w: torch.Tensor, quantize_one: Any) -> torch.Tensor:
+        """The subclass `quantize_one(w)` makes, computed over row chunks when its scales allow it (same tensors).
+
+        Per-row and per-group subclasses (block_size[0] == 1) are the chunks' tensors concatenated along the rows;
+        a per-tensor Float8Tensor gets its scale from the global amax, then each chunk is quantized with it;
+        anything else is quantized whole."""
+        if not needs_chunks(w, self.chunk_elements):
+            return quantize_one(w)
+        first_rows = next(iter(map_rows(lambda c: c.shape[0], w, self.chunk_elements)))
+        first = quantize_one(w[:first_rows].contiguous())
+        desc = _describe(first)
+        block = list(desc["_data"].get("block_size") or [])
+        names = list(desc["_tensor_data_names"])
+        axes = {n: _row_axis(getattr(first, n), first_rows) for n in names}
+        rowwise = len(block) == 2 and block[0] == 1 and None not in axes.values()
+        if not rowwise:
+            if desc["_type"] == "Float8Tensor" and block == [first_rows, w.shape[1]]:
+                return self._float8_per_tensor(w, first, desc)
+            return quantize_one(w)
+        parts = [first] + map_rows(quantize_one, w[first_rows:], self.chunk_elements)
+        for part in parts[1:]:
+            if _describe(part) != desc:
+                return quantize_one(w)  # a chunk came out differently described: not row-separable after all
+        tensors = {n: torch.cat([getattr(p, n) for p in parts], dim=axes[n]) for n in names}
+        return _rebuild(desc, tensors)
+
+    def _float8_per_tensor(self, w: torch.Tensor, first: torch.Tensor, desc: dict[str, Any]) -> torch.Tensor:
+        """Float8Tensor.from_hp with a per-tensor scale, a chunk at a time: the scale from the exact global amax
+        through torchao's own `_choose_scale_float8`, each chunk through its `_quantize_affine_float8`."""
+        from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+
+        float8_dtype = first.qdata.dtype
+        amax = absmax(w, self.chunk_elements).reshape(1, 1)
+        scale = _choose_scale_float8(amax, block_size=[1, 1], float8_dtype=float8_dtype)
+        qdata = torch.cat(map_rows(lambda c: _quantize_affine_float8(c, scale, float8_dtype), w, self.chunk_elements))
+        full = json.loads(json.dumps(desc))
+        full["_data"]["block_size"] = list(w.shape)
+        return _rebuild(full, {"qdata": qdata, "scale": scale.reshape(first.scale.shape)})
 
     def _quantize_(self, name: str, weight: torch.Tensor, cfg: Any) -> torch.Tensor:
         """torchao.quantization.quantize_ on a one-layer Linear holding `weight`; the subclass it leaves there."""
