@@ -327,6 +327,10 @@ int qs_supported(int32_t fmt, int32_t kind) {
 
 /* ---- drivers ------------------------------------------------------------------------------------------------- */
 
+/* Below this many weights a call runs on one thread: waking the pool costs more than it saves, and on a busy
+ * machine a descheduled worker would hold the whole call for a time slice. */
+#define QS_PARALLEL_MIN_WEIGHTS (1 << 17)
+
 static void store_row(const float *src, int64_t k, void *dst, int32_t dtype) {
     int64_t i = 0;
     if (dtype == QS_F32) { if ((const void *)src != dst) memcpy(dst, src, (size_t)k * 4); return; }
@@ -352,7 +356,7 @@ int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t
     if (out_dtype != QS_F32 && out_dtype != QS_BF16 && out_dtype != QS_F16) return -1;
     const int64_t k = w->k, esize = out_dtype == QS_F32 ? 4 : 2;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) if ((n1 - n0) * k >= QS_PARALLEL_MIN_WEIGHTS)
     {
         float *buf = out_dtype == QS_F32 ? NULL : (float *)malloc((size_t)k * sizeof(float));
         if (out_dtype != QS_F32 && !buf) failed = 1;
@@ -403,7 +407,7 @@ int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float
     if (qs_supported(w->fmt, w->kind) != 0 || m < 0) return -1;
     const int64_t k = w->k, nout = w->n, blocks = (nout + RB - 1) / RB;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) if (nout * k >= QS_PARALLEL_MIN_WEIGHTS)
     {
         float *buf = (float *)malloc((size_t)(RB * k) * sizeof(float));
         if (!buf) failed = 1;

@@ -343,9 +343,12 @@ def test_checkpoints_quantserve_cannot_run_faithfully_are_refused(tmp_path):
 
 # --- end to end through the loader ----------------------------------------------------------------------------
 
+NATIVE = {"force": {"*": "native"}}  # quanto's own kernels: outputs comparable bit for bit with diffusers'
+
+
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_load_model_reads_diffusers_checkpoint_bit_identically(diffusers_dirs, bf16_output, weights):
-    ours = load_model(diffusers_dirs[weights])
+    ours = load_model(diffusers_dirs[weights], kernel_policy=NATIVE)
     report = load_report(ours)
     assert report.pre_quantized and report.backend == "quanto"
     layers = [m for m in ours.modules() if isinstance(m, QuantLinear)]
@@ -354,13 +357,16 @@ def test_load_model_reads_diffusers_checkpoint_bit_identically(diffusers_dirs, b
     out = _run(ours)
     assert torch.equal(out, _run(_diffusers_model(diffusers_dirs[weights])))  # identical, not merely close
     assert relative_error(out, bf16_output) < TOLERANCE[weights]
+    routed = _run(load_model(diffusers_dirs[weights]))  # the router's kernels: the same numbers, summed otherwise
+    assert relative_error(routed, out) < 1e-2
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_quantize_on_load_then_save_matches_diffusers(dense_dir, tmp_path, weights):
-    ours = load_model(dense_dir, QuantoConfig(weights_dtype=weights, modules_to_not_convert=list(SKIP)))
+    ours = load_model(dense_dir, QuantoConfig(weights_dtype=weights, modules_to_not_convert=list(SKIP)),
+                      kernel_policy=NATIVE)
     out = _run(ours)
     assert torch.equal(out, _run(_diffusers_model(dense_dir, weights)))  # diffusers quantizing on load: identical
-    again = load_model(save_quantized(ours, tmp_path / "saved"))
+    again = load_model(save_quantized(ours, tmp_path / "saved"), kernel_policy=NATIVE)
     assert load_report(again).pre_quantized
     assert torch.equal(_run(again), out)
