@@ -373,6 +373,207 @@ int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t
     return failed ? -1 : 0;
 }
 
+/* ---- fused row dots (M = 1) ---------------------------------------------------------------------------------
+ * sum_k W[n, k] * x[k] without building the row: each (sub-)block's scale is factored out of its inner sum, as
+ * sum_g s_g * sum_{k in g} code_k x_k + z_g * sum_{k in g} x_k, accumulated in float32 with FMA. The products are
+ * the backend's codes times the activation, exact; only the per-weight rounding to the backend's dtype (bf16
+ * for most) is not applied, so the result is as close to the exact product as float32 accumulation allows.
+ * Each returns -1 where it has no fused form (the GEMV then decodes the row). */
+#ifdef QS_AVX512
+static inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    return _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
+}
+
+/* group sums of x: gsum[j] = sum of x over [j*g, (j+1)*g) */
+static void group_sums(const float *x, int64_t k, int64_t g, float *gsum) {
+    for (int64_t j = 0; j < k / g; j++) {
+        __m512 a = _mm512_setzero_ps();
+        int64_t i = j * g, end = i + g;
+        for (; i + 16 <= end; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
+        float t = _mm512_reduce_add_ps(a);
+        for (; i < end; i++) t += x[i];
+        gsum[j] = t;
+    }
+}
+
+static int dot_bnb4(const qs_weight *w, int64_t n, const float *x, float *out) {
+    const int64_t k = w->k, bs = w->group, f0 = n * k;
+    if ((f0 % bs) || (k % bs) || (bs % 32)) return -1;
+    const __m512 lut = _mm512_loadu_ps(w->lut);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const uint8_t *q = w->data + f0 / 2;
+    const int64_t block0 = f0 / bs;
+    __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
+    for (int64_t b = 0, i = 0; b < k / bs; b++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t j = 0; j < bs; j += 32, i += 32) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+            __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+            __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x + i), a0);
+            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + i + 16), a1);
+        }
+        const __m512 am = _mm512_set1_ps(bnb_absmax(w, block0 + b));
+        if (b & 1) total1 = _mm512_fmadd_ps(am, _mm512_add_ps(a0, a1), total1);
+        else total0 = _mm512_fmadd_ps(am, _mm512_add_ps(a0, a1), total0);
+    }
+    *out = _mm512_reduce_add_ps(_mm512_add_ps(total0, total1));
+    return 0;
+}
+
+static int dot_int8_rows(const qs_weight *w, int64_t n, const float *x, float xsum, float *out) {
+    const int8_t *q = (const int8_t *)(w->data + n * w->data_stride);
+    const int64_t k = w->k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+#define QS_I8(off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i + (off)))))
+    for (; i + 64 <= k; i += 64) {
+        a0 = _mm512_fmadd_ps(QS_I8(0), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(QS_I8(16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(QS_I8(32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(QS_I8(48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(QS_I8(0), _mm512_loadu_ps(x + i), a0);
+#undef QS_I8
+    float acc = _mm512_reduce_add_ps(sum4(a0, a1, a2, a3));
+    for (; i < k; i++) acc += (float)q[i] * x[i];
+    float scale = load_f(w->scale, w->scale_dtype, n * w->scale_stride_n);
+    if (w->divisor != 1.0f) scale = scale / w->divisor;
+    if (w->zero) acc -= load_f(w->zero, w->zero_dtype, n) * xsum;
+    *out = acc * scale;
+    return 0;
+}
+
+static int dot_float8(const qs_weight *w, int64_t n, const float *x, float *out) {
+    const uint8_t *q = w->data + n * w->data_stride;
+    const int64_t k = w->k;
+    const int e5m2 = w->kind == 1;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        a0 = _mm512_fmadd_ps(fp8x16(q + i, e5m2), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(fp8x16(q + i + 16, e5m2), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(fp8x16(q + i, e5m2), _mm512_loadu_ps(x + i), a0);
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; i < k; i++) acc += fp8_to_float(q[i], e5m2) * x[i];
+    *out = acc * load_f(w->scale, w->scale_dtype, n * w->scale_stride_n);
+    return 0;
+}
+
+/* torchao int4: a signed nibble c is (c ^ 8) - 8; a table gives its float value directly */
+static const float INT4_SIGNED[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+
+static int dot_int4_grouped(const qs_weight *w, int64_t n, const float *x, const float *gsum, float *out) {
+    const int64_t g = w->group, groups = w->k / g;
+    if (g % 32) return -1;
+    const uint8_t *q = w->data + n * w->data_stride;
+    const __m512 lut = _mm512_loadu_ps(INT4_SIGNED);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m512 total = _mm512_setzero_ps();
+    float offset = 0.0f;
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t at = n * w->scale_stride_n + j * w->scale_stride_g;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t i = j * g; i < (j + 1) * g; i += 32) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+            __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
+            __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut);
+            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x + i), a0);
+            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + i + 16), a1);
+        }
+        total = _mm512_fmadd_ps(_mm512_set1_ps(load_f(w->scale, w->scale_dtype, at)), _mm512_add_ps(a0, a1), total);
+        offset += load_f(w->zero, w->zero_dtype, at) * gsum[j];
+    }
+    *out = _mm512_reduce_add_ps(total) + offset;
+    return 0;
+}
+
+static const float UINT4[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+static int dot_quanto(const qs_weight *w, int64_t n, const float *x, const float *gsum, float *out) {
+    const int bits = w->kind;
+    const int64_t g = w->group, groups = w->k / g, rows = w->packed_rows;
+    if (g % 16) return -1;
+    const __m512 lut = _mm512_loadu_ps(UINT4);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    __m512 total = _mm512_setzero_ps();
+    float offset = 0.0f;
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t r = n * groups + j;
+        const uint8_t *q = w->data + (r % rows) * w->data_stride;
+        const __m128i shift = _mm_cvtsi32_si128(bits * (int)(r / rows));
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= g; i += 32) {
+            __m512i c0 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), shift), mask);
+            __m512i c1 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i + 16))), shift), mask);
+            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, lut), _mm512_loadu_ps(x + j * g + i), a0);
+            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c1, lut), _mm512_loadu_ps(x + j * g + i + 16), a1);
+        }
+        for (; i < g; i += 16) {
+            __m512i c0 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), shift), mask);
+            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, lut), _mm512_loadu_ps(x + j * g + i), a0);
+        }
+        total = _mm512_fmadd_ps(_mm512_set1_ps(load_f(w->scale, w->scale_dtype, r)), _mm512_add_ps(a0, a1), total);
+        offset -= load_f(w->zero, w->zero_dtype, r) * gsum[j];
+    }
+    *out = _mm512_reduce_add_ps(total) + offset;
+    return 0;
+}
+
+static int dot_nvfp4(const qs_weight *w, int64_t n, const float *x, float *out) {
+    const int64_t blocks = w->k / 16;
+    if (w->group != 16 || (blocks % 16)) return -1;
+    const uint8_t *q = w->data + n * w->data_stride;
+    const uint8_t *bs = (const uint8_t *)w->scale + n * w->scale_stride_n;
+    const __m512 lut = _mm512_loadu_ps(E2M1), g = _mm512_set1_ps(w->global_scale);
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks; j += 16) {
+        float per_block[16];
+        _mm512_storeu_ps(per_block, _mm512_mul_ps(fp8x16(bs + j, 0), g));
+        for (int t = 0; t < 16; t += 2) {
+            const int64_t i = (j + t) * 16;
+            __m512 c0 = _mm512_permutexvar_ps(nibbles16(q + i / 2, 0), lut);
+            __m512 c1 = _mm512_permutexvar_ps(nibbles16(q + i / 2 + 8, 0), lut);
+            t0 = _mm512_fmadd_ps(_mm512_mul_ps(c0, _mm512_set1_ps(per_block[t])), _mm512_loadu_ps(x + i), t0);
+            t1 = _mm512_fmadd_ps(_mm512_mul_ps(c1, _mm512_set1_ps(per_block[t + 1])), _mm512_loadu_ps(x + i + 16), t1);
+        }
+    }
+    *out = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+    return 0;
+}
+#endif
+
+/* which group size the fused dot of this format needs x's group sums for (0: none) */
+static int64_t dot_sum_group(const qs_weight *w) {
+    switch (w->fmt) {
+    case QS_FMT_INT8_ROWS: return w->zero ? w->k : 0;
+    case QS_FMT_INT4_GROUPED: case QS_FMT_QUANTO: return w->group;
+    default: return 0;
+    }
+}
+
+static int dot_row(const qs_weight *w, int64_t n, const float *x, const float *gsum, float *out) {
+#ifdef QS_AVX512
+    switch (w->fmt) {
+    case QS_FMT_BNB4: return dot_bnb4(w, n, x, out);
+    case QS_FMT_INT8_ROWS: return dot_int8_rows(w, n, x, gsum ? gsum[0] : 0.0f, out);
+    case QS_FMT_FLOAT8: return dot_float8(w, n, x, out);
+    case QS_FMT_INT4_GROUPED: return dot_int4_grouped(w, n, x, gsum, out);
+    case QS_FMT_QUANTO: return dot_quanto(w, n, x, gsum, out);
+    case QS_FMT_NVFP4: return dot_nvfp4(w, n, x, out);
+    case QS_FMT_GGUF: return qs_gguf_dot_row(w->kind, w->data + n * w->data_stride, w->k, x, out);
+    default: return -1;
+    }
+#else
+    (void)w; (void)n; (void)x; (void)gsum; (void)out;
+    return -1;
+#endif
+}
+
 /* GEMV tiles: RB weight rows (decoded into a float32 buffer) times MR activation rows, accumulated in registers, so
  * each activation vector is read once per RB weight rows and each weight value once per MR activation rows. */
 #define RB 4
@@ -403,8 +604,34 @@ static inline __attribute__((always_inline)) void tile(const float *wbuf, int64_
             for (int r = 0; r < mr; r++) acc[j][r] += wbuf[j * k + i] * xs[r][i];
 }
 
+static int gemv1(const qs_weight *w, const float *x, float *y, const float *bias) {
+    const int64_t k = w->k, nout = w->n, sum_group = dot_sum_group(w);
+    float *gsum = NULL;
+#ifdef QS_AVX512
+    if (sum_group > 0) {
+        if (!(gsum = (float *)malloc((size_t)(k / sum_group) * sizeof(float)))) return -1;
+        group_sums(x, k, sum_group, gsum);
+    }
+#endif
+    float probe;
+    if (nout == 0 || dot_row(w, 0, x, gsum, &probe) != 0) { free(gsum); return 1; } /* no fused form: decode */
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed) if (nout * k >= QS_PARALLEL_MIN_WEIGHTS)
+    for (int64_t n = 0; n < nout; n++) {
+        float v;
+        if (dot_row(w, n, x, gsum, &v) != 0) { failed = 1; continue; }
+        y[n] = v + (bias ? bias[n] : 0.0f);
+    }
+    free(gsum);
+    return failed ? -1 : 0;
+}
+
 int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float *bias) {
     if (qs_supported(w->fmt, w->kind) != 0 || m < 0) return -1;
+    if (m == 1) {
+        int rc = gemv1(w, x, y, bias);
+        if (rc <= 0) return rc;
+    }
     const int64_t k = w->k, nout = w->n, blocks = (nout + RB - 1) / RB;
     int failed = 0;
 #pragma omp parallel reduction(| : failed) if (nout * k >= QS_PARALLEL_MIN_WEIGHTS)
@@ -456,4 +683,10 @@ const char *qs_isa(void) {
 #else
     return "scalar";
 #endif
+}
+
+/* TEMP until qs_gguf.c defines it */
+__attribute__((weak)) int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x, float *out) {
+    (void)qtype; (void)row; (void)k; (void)x; (void)out;
+    return -1;
 }

@@ -66,5 +66,8 @@ const char *qs_isa(void);
  * the build does not know. Exactly the float32 values of kernels/gguf.py (and so of gguf-py). */
 int qs_gguf_decode_row(int32_t qtype, const uint8_t *row, int64_t k, float *out);
 int qs_gguf_supported(int32_t qtype);
+/* sum_k W[k] * x[k] of one GGUF row into *out, scales factored out of the inner sums; 0, or -1 when this type has
+ * no fused form (the caller decodes the row instead). */
+int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x, float *out);
 
 #endif
