@@ -3,6 +3,8 @@
 The library is compiled privately from qs_gguf.c alone, with the project's flags (cpu_build.FLAGS, cpu_build.compiler),
 so these tests do not depend on the rest of the native kernels. Both implementations are held against the
 reference: qs_gguf_decode_row (AVX-512 where this machine has it) and qs_gguf_decode_row_portable (plain C).
+The fused dequantize-dot qs_gguf_dot_row (AVX-512 builds; -1 elsewhere) is held against a float64 dot of the
+reference's dequantized row.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def lib(tmp_path_factory):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = ctypes.c_int32
+    lib.qs_gguf_dot_row.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+    lib.qs_gguf_dot_row.restype = ctypes.c_int32
     lib.qs_gguf_supported.argtypes = [ctypes.c_int32]
     lib.qs_gguf_supported.restype = ctypes.c_int32
     lib.qs_gguf_avx512.argtypes = []
@@ -149,3 +154,58 @@ def test_unknown_types_and_bad_lengths(lib):
     for entry in ENTRY_POINTS:  # a length that is not a whole number of blocks
         assert getattr(lib, entry)(GGML_IDS["Q4_K"], raw.ctypes.data, 100, out.data_ptr()) == -1
         assert getattr(lib, entry)(GGML_IDS["Q4_0"], raw.ctypes.data, 48, out.data_ptr()) == -1
+
+
+QUANTIZED = [t for t in GGML_IDS if block_size(t) > 1]
+
+
+def dot_rows(lib, qtype: str, raw: np.ndarray, x: np.ndarray) -> list:
+    """qs_gguf_dot_row for each row of raw (None where it returns -1)."""
+    raw = np.ascontiguousarray(raw)
+    out = np.zeros(1, dtype=np.float32)
+    results = []
+    for r in range(raw.shape[0]):
+        rc = lib.qs_gguf_dot_row(GGML_IDS[qtype], raw[r].ctypes.data, x.size, x.ctypes.data, out.ctypes.data)
+        assert rc in (0, -1)
+        results.append(float(out[0]) if rc == 0 else None)
+    return results
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED)
+def test_fused_dot_within_float32_accumulation_error(lib, qtype):
+    """|ours - sum w*x (float64, w the reference's float32 weights)| <= 4 k eps32 sum|w||x| + 1e-30: float32
+    accumulation error of a k-term sum of products, with slack for the scale factoring."""
+    if not lib.qs_gguf_avx512():
+        pytest.skip("the fused dot is AVX-512 only (qs_gguf_dot_row returns -1, tested below)")
+    bs = block_size(qtype)
+    eps = float(np.finfo(np.float32).eps)
+    for seed, blocks in enumerate((1, 3, 4, 7, 12)):
+        k, rows = blocks * bs, 6
+        raw = random_rows(qtype, rows, k, 1000 + seed)
+        if seed == 4:
+            raw[1, : type_size(qtype) * 2] = 0  # all-zero blocks
+        w = dequantize_gguf(torch.from_numpy(raw), qtype, (rows, k), torch.float32).double().numpy()
+        x = np.random.default_rng(seed).standard_normal(k).astype(np.float32)
+        x[::5] *= 100.0
+        ours = dot_rows(lib, qtype, raw, x)
+        for r in range(rows):
+            assert ours[r] is not None, (qtype, k)
+            exact = float(w[r] @ x.astype(np.float64))
+            bound = 4 * k * eps * float(np.abs(w[r]) @ np.abs(x.astype(np.float64))) + 1e-30
+            assert abs(ours[r] - exact) <= bound, (qtype, k, r, ours[r], exact, bound)
+
+
+def test_fused_dot_contract(lib):
+    """0 for every quantized type on an AVX-512 build; -1 for dense and unknown types, bad lengths, other builds."""
+    raw = np.zeros(4096, dtype=np.uint8)
+    x = np.ones(512, dtype=np.float32)
+    out = np.full(1, 7.0, dtype=np.float32)
+    fused = bool(lib.qs_gguf_avx512())
+    quantized_ids = {GGML_IDS[t] for t in QUANTIZED}
+    for qtype in range(-1, 64):
+        expected = 0 if fused and qtype in quantized_ids else -1
+        assert lib.qs_gguf_dot_row(qtype, raw.ctypes.data, 256, x.ctypes.data, out.ctypes.data) == expected, qtype
+    if fused:
+        assert out[0] == 0.0  # all-zero blocks
+    assert lib.qs_gguf_dot_row(GGML_IDS["Q4_K"], raw.ctypes.data, 100, x.ctypes.data, out.ctypes.data) == -1
+    assert lib.qs_gguf_dot_row(GGML_IDS["Q8_0"], raw.ctypes.data, 48, x.ctypes.data, out.ctypes.data) == -1
