@@ -4,7 +4,8 @@ The library is compiled with the system C compiler (`$CC`, else cc/gcc/clang) fo
 AVX-512 or AVX2 where the processor has them), with OpenMP, and without floating-point contraction (no fused
 multiply-add), so the kernels' values equal the torch reference's bit for bit. It is cached under
 `$QUANTSERVE_CACHE_DIR/cpu-kernels/` (default: the user cache directory) by a hash of the sources, the compiler,
-its flags and the CPU's features; the first use on a machine compiles (about 2 s), later ones load. The compiled
+its flags and the CPU's features (`$QUANTSERVE_CPU_CFLAGS` adds flags, e.g. `-march=x86-64-v3` to build the AVX2
+paths or `-march=x86-64-v2` the portable ones on a machine that has AVX-512); the first use on a machine compiles (about 2 s), later ones load. The compiled
 file is written to a temporary name and renamed into place, so two processes building at once never see half a
 library.
 
@@ -79,6 +80,11 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
+def flags() -> tuple[str, ...]:
+    """The compiler flags: FLAGS, then whatever $QUANTSERVE_CPU_CFLAGS adds (later flags win)."""
+    return FLAGS + tuple(os.environ.get("QUANTSERVE_CPU_CFLAGS", "").split())
+
+
 def build_key(cc: str) -> str:
     h = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*.[ch]")):
@@ -88,7 +94,7 @@ def build_key(cc: str) -> str:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise CpuKernelsUnavailable(f"the C compiler {cc!r} does not run: {exc}") from None
-    for part in (version, " ".join(FLAGS), platform.machine(), _cpu_features()):
+    for part in (version, " ".join(flags()), platform.machine(), _cpu_features()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -102,7 +108,7 @@ def build(force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cc, *FLAGS, "-I", str(SOURCE_DIR), "-o", tmp, *map(str, sources()), "-lm"]
+    cmd = [cc, *flags(), "-I", str(SOURCE_DIR), "-o", tmp, *map(str, sources()), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:

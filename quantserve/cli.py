@@ -156,7 +156,7 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from quantserve.runtime.autotune import TuneCache, tokens_for
-    from quantserve.runtime.router import KernelPolicy, quant_layers, route, shape_key
+    from quantserve.runtime.router import KernelPolicy, nearest_entry, quant_layers, route
 
     model = _load_for_kernels(args)
     m = tokens_for(model, args.resolution, args.batch)
@@ -171,7 +171,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"{'layer':<48} {'format':<18} {'N x K':>11}  {'kernel':<12} why; alternatives")
     for d in decisions:
         layer = layers[d.layer]
-        timings = entries.get(shape_key(layer, m), {}).get("timings_ms", {})
+        _, entry = nearest_entry(entries, layer, m)  # the entry the router read (the nearest tuned M bucket)
+        timings = (entry or {}).get("timings_ms", {})
         others = ", ".join(f"{k} {timings[k]:.3f} ms" if k in timings else k for k in d.runnable if k != d.kernel)
         rejected = "; cannot run: " + ", ".join(f"{k} ({v})" for k, v in d.rejected.items()) if d.rejected else ""
         print(f"{d.layer[-48:]:<48} {layer.qweight.fmt:<18} {layer.out_features:>5}x{layer.in_features:<5}  "

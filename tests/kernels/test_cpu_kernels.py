@@ -11,6 +11,7 @@ fused row dots, which factor each block's scale out of its sum.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -230,3 +231,30 @@ def test_formats_without_a_cpu_kernel_say_why(tmp_path):
     assert layer.kernel_name == "native"
     ok, why = kc.can_run_cpu(layer, torch.device("cuda"))
     assert not ok and why == "the CPU kernels run on the CPU, not cuda"
+
+
+@pytest.mark.parametrize("march, isa", [("x86-64-v3", "avx2"), ("x86-64-v2", "scalar")])
+def test_the_avx2_and_portable_builds_give_the_same_numbers(march, isa, tmp_path):
+    """The kernels built without AVX-512 (as on an older CPU): every format still bit-exact, the GEMV within bounds."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86-64 -march levels")  # pragma: no cover - the CI machines are x86-64
+    code = (
+        "import torch\n"
+        "from quantserve.kernels import cpu, cpu_build, reference as R\n"
+        "from tests.kernels.packed_cases import CASES\n"
+        f"assert cpu_build.library().qs_isa().decode() == {isa!r}, cpu_build.library().qs_isa()\n"
+        "for name, make in CASES.items():\n"
+        "    with torch._dynamo.config.patch(disable=True):\n"
+        "        p = make()\n"
+        "    for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "        assert torch.equal(cpu.dequantize(p, dt), R.dequantize(p, dt)), (name, dt)\n"
+        "    x = torch.randn(3, p.shape[1], generator=torch.Generator().manual_seed(0))\n"
+        "    for m in (1, 3):\n"
+        "        y, ref = cpu.linear(x[:m], p, path='gemv').double(), R.linear(x[:m], p).double()\n"
+        "        assert float((y - ref).norm() / ref.norm()) < 1e-2, name\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, QUANTSERVE_CPU_CFLAGS=f"-march={march}", QUANTSERVE_CACHE_DIR=str(tmp_path / "c"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
