@@ -593,7 +593,8 @@ DOT_32(q5_1, 24, 2)
 DOT_32(q8_0, 34, 1)
 DOT_32(iq4_nl, 18, 2)
 
-/* 256-weight blocks: 16 vectors each, vector v into accumulator v & 7 */
+/* 256-weight blocks: 16 vectors each, vector v into accumulator v & 7 (inner loops fully unrolled, so the
+ * accumulators stay in registers) */
 static float dot_q2_k(const uint8_t *restrict b, int64_t nb, const float *restrict x) {
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
@@ -601,9 +602,12 @@ static float dot_q2_k(const uint8_t *restrict b, int64_t nb, const float *restri
     for (int64_t ib = 0; ib < nb; ib++, b += 84, x += 256) {
         const uint8_t *scales = b, *qs = b + 16;
         const float d = h2f_hw(b + 80), dmin = h2f_hw(b + 82);
+        _Pragma("GCC unroll 16")
         for (int h = 0; h < 2; h++)
+            _Pragma("GCC unroll 16")
             for (int half = 0; half < 2; half++) {
                 const __m512i q = zx16(qs + h * 32 + half * 16);
+                _Pragma("GCC unroll 16")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
                     const __m512 t = _mm512_fmsub_ps(_mm512_set1_ps(d * (float)(scales[sb] & 0x0F)), crumbs,
@@ -624,9 +628,12 @@ static float dot_q3_k(const uint8_t *restrict b, int64_t nb, const float *restri
         const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
         const float d = h2f_hw(b + 108);
         const __m128i hm[2] = {ld128(hmask), ld128(hmask + 16)};
+        _Pragma("GCC unroll 16")
         for (int h = 0; h < 2; h++)
+            _Pragma("GCC unroll 16")
             for (int half = 0; half < 2; half++) {
                 const __m512i q = zx16(qs + h * 32 + half * 16);
+                _Pragma("GCC unroll 16")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
                     const int low = sb < 8 ? (sc[sb] & 0x0F) : (sc[sb - 8] >> 4);
@@ -649,6 +656,7 @@ static float dot_q4_k(const uint8_t *restrict b, int64_t nb, const float *restri
     for (int64_t ib = 0; ib < nb; ib++, b += 144, x += 256) {
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 16;
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < 4; g++) {
             uint8_t sc0, m0, sc1, m1;
             k_scale_min(b + 4, 2 * g, &sc0, &m0);
@@ -676,14 +684,17 @@ static float dot_q5_k(const uint8_t *restrict b, int64_t nb, const float *restri
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 48;
         const __m128i qh[2] = {ld128(b + 16), ld128(b + 32)};
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < 4; g++) {
             const __m512i q[2] = {zx16(qs + 32 * g), zx16(qs + 32 * g + 16)};
+            _Pragma("GCC unroll 16")
             for (int t = 0; t < 2; t++) {
                 uint8_t sc, mn;
                 k_scale_min(b + 4, 2 * g + t, &sc, &mn);
                 const __m512 dl = _mm512_set1_ps(d * (float)sc), ml = _mm512_set1_ps(dmin * (float)mn);
                 const __m512 lo = _mm512_fmsub_ps(dl, nib, ml), hi = _mm512_fmsub_ps(dl, nib16, ml);
                 const __m128i bit = _mm_set1_epi8((char)(1 << (2 * g + t)));
+                _Pragma("GCC unroll 16")
                 for (int half = 0; half < 2; half++) {
                     __m512i i = t ? _mm512_srli_epi32(q[half], 4) : _mm512_and_si512(q[half], c15);
                     i = _mm512_mask_or_epi32(i, _mm_test_epi8_mask(qh[half], bit), i, c16);
@@ -704,7 +715,9 @@ static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restri
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t *scales = (const int8_t *)(b + 192);
         const float d = h2f_hw(b + 208);
+        _Pragma("GCC unroll 16")
         for (int h = 0; h < 2; h++)
+            _Pragma("GCC unroll 16")
             for (int half = 0; half < 2; half++) {
                 const __m512i l0 = zx16(ql + h * 64 + half * 16), l1 = zx16(ql + h * 64 + 32 + half * 16);
                 const __m512i hh = zx16(qh + h * 32 + half * 16);
@@ -714,6 +727,7 @@ static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restri
                     _mm512_ternarylogic_epi32(_mm512_and_si512(l1, c15), _mm512_slli_epi32(hh, 2), c48, 0xF8),
                     _mm512_ternarylogic_epi32(_mm512_srli_epi32(l0, 4), hh, c48, 0xF8),
                     _mm512_ternarylogic_epi32(_mm512_srli_epi32(l1, 4), _mm512_srli_epi32(hh, 2), c48, 0xF8)};
+                _Pragma("GCC unroll 16")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
                     const float dl = d * (float)scales[sb];
@@ -735,6 +749,7 @@ static float dot_iq4_xs(const uint8_t *restrict b, int64_t nb, const float *rest
         const float d = h2f_hw(b);
         const uint16_t sh = ld16(b + 2);
         const uint8_t *sl = b + 4, *qs = b + 8;
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < 8; g++) {
             const int low = (sl[g >> 1] >> (4 * (g & 1))) & 0x0F, high = (sh >> (2 * g)) & 3;
             const __m512 t = _mm512_mul_ps(_mm512_set1_ps(d * (float)((low | (high << 4)) - 32)), levels);
