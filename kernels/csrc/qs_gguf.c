@@ -595,54 +595,79 @@ DOT_32(iq4_nl, 18, 2)
 
 /* 256-weight blocks: 16 vectors each, vector v into accumulator v & 7 (inner loops fully unrolled, so the
  * accumulators stay in registers) */
+/* Q2_K: the 16 sub-block scales as vectors (lane sb: d * (sc & 15), dmin * (sc >> 4)), expanded into four tables of
+ * four sub-blocks each (lane 4i + c: dl_i * c - ml_i); index crumb | i << 2 */
 static float dot_q2_k(const uint8_t *restrict b, int64_t nb, const float *restrict x) {
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512 crumbs = _mm512_loadu_ps(CRUMB_F);
+    const __m512i c3 = _mm512_set1_epi32(3), c15 = _mm512_set1_epi32(15);
+    const __m512i quarter = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
     for (int64_t ib = 0; ib < nb; ib++, b += 84, x += 256) {
-        const uint8_t *scales = b, *qs = b + 16;
-        const float d = h2f_hw(b + 80), dmin = h2f_hw(b + 82);
-        _Pragma("GCC unroll 16")
+        const uint8_t *qs = b + 16;
+        const __m512i sc = zx16(b);
+        const __m512 dl = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 80)), _mm512_cvtepi32_ps(_mm512_and_si512(sc, c15)));
+        const __m512 ml = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 82)), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4)));
+        __m512 t[4];
+        _Pragma("GCC unroll 4")
+        for (int z = 0; z < 4; z++) {
+            const __m512i e = _mm512_add_epi32(quarter, _mm512_set1_epi32(4 * z));
+            t[z] = _mm512_fmsub_ps(perm(e, dl), crumbs, perm(e, ml));
+        }
+        _Pragma("GCC unroll 2")
         for (int h = 0; h < 2; h++)
-            _Pragma("GCC unroll 16")
+            _Pragma("GCC unroll 2")
             for (int half = 0; half < 2; half++) {
                 const __m512i q = zx16(qs + h * 32 + half * 16);
-                _Pragma("GCC unroll 16")
+                _Pragma("GCC unroll 4")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
-                    const __m512 t = _mm512_fmsub_ps(_mm512_set1_ps(d * (float)(scales[sb] & 0x0F)), crumbs,
-                                                     _mm512_set1_ps(dmin * (float)(scales[sb] >> 4)));
-                    a[sb & 7] = fma_x(perm(_mm512_srli_epi32(q, 2 * s), t), x + sb * 16, a[sb & 7]);
+                    /* 0xEA: (a & b) | c */
+                    const __m512i i = _mm512_ternarylogic_epi32(_mm512_srli_epi32(q, 2 * s), c3,
+                                                                _mm512_set1_epi32(4 * (sb & 3)), 0xEA);
+                    a[sb & 7] = fma_x(perm(i, t[sb >> 2]), x + sb * 16, a[sb & 7]);
                 }
             }
     }
     return hsum8(a);
 }
 
+/* Q3_K: the 16 sub-block scales d * (sc6 - 32) as one vector, expanded into eight tables of two sub-blocks each
+ * (lane 8i + c: dl_i * (c - 4)); index crumb | hbit << 2 | i << 3 */
 static float dot_q3_k(const uint8_t *restrict b, int64_t nb, const float *restrict x) {
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512 levels = _mm512_loadu_ps(Q3_F);
-    const __m512i c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4);
+    const __m512i c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4), c15 = _mm512_set1_epi32(15);
+    const __m512i eighth = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
+    /* lane sb: the low four bits are byte sb & 7 >> (sb < 8 ? 0 : 4), the high two byte 8 + (sb & 3) >> 2 * (sb >> 2) */
+    const __m512i low_shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m512i high_shift = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
     for (int64_t ib = 0; ib < nb; ib++, b += 110, x += 256) {
         const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
-        const float d = h2f_hw(b + 108);
+        const __m128i s8 = _mm_loadl_epi64((const __m128i *)sc);
+        const __m512i low = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(s8, s8)), low_shift), c15);
+        const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)ld32(sc + 8)), high_shift), c3);
+        const __m512i s6 = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+        const __m512 dl = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 108)), _mm512_cvtepi32_ps(s6));
+        __m512 t[8];
+        _Pragma("GCC unroll 8")
+        for (int z = 0; z < 8; z++)
+            t[z] = _mm512_mul_ps(perm(_mm512_add_epi32(eighth, _mm512_set1_epi32(2 * z)), dl), levels);
         const __m128i hm[2] = {ld128(hmask), ld128(hmask + 16)};
-        _Pragma("GCC unroll 16")
+        _Pragma("GCC unroll 2")
         for (int h = 0; h < 2; h++)
-            _Pragma("GCC unroll 16")
+            _Pragma("GCC unroll 2")
             for (int half = 0; half < 2; half++) {
                 const __m512i q = zx16(qs + h * 32 + half * 16);
-                _Pragma("GCC unroll 16")
+                _Pragma("GCC unroll 4")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
-                    const int low = sb < 8 ? (sc[sb] & 0x0F) : (sc[sb - 8] >> 4);
-                    const int high = (sc[8 + (sb & 3)] >> (2 * (sb >> 2))) & 3;
-                    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(d * (float)((low | (high << 4)) - 32)), levels);
                     const __mmask16 set = _mm_test_epi8_mask(hm[half], _mm_set1_epi8((char)(1 << (h * 4 + s))));
-                    __m512i i = _mm512_and_si512(_mm512_srli_epi32(q, 2 * s), c3);
+                    __m512i i = _mm512_ternarylogic_epi32(_mm512_srli_epi32(q, 2 * s), c3,
+                                                          _mm512_set1_epi32(8 * (sb & 1)), 0xEA);
                     i = _mm512_mask_or_epi32(i, set, i, c4);
-                    a[sb & 7] = fma_x(perm(i, t), x + sb * 16, a[sb & 7]);
+                    a[sb & 7] = fma_x(perm(i, t[sb >> 1]), x + sb * 16, a[sb & 7]);
                 }
             }
     }
