@@ -735,11 +735,13 @@ static float dot_q5_k(const uint8_t *restrict b, int64_t nb, const float *restri
 static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restrict x) {
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
-    const __m512i c15 = _mm512_set1_epi32(15), c48 = _mm512_set1_epi32(0x30);
+    const __m512i c15 = _mm512_set1_epi32(15), c48 = _mm512_set1_epi32(0x30), c32 = _mm512_set1_epi32(32);
     for (int64_t ib = 0; ib < nb; ib++, b += 210, x += 256) {
         const uint8_t *ql = b, *qh = b + 128;
-        const int8_t *scales = (const int8_t *)(b + 192);
-        const float d = h2f_hw(b + 208);
+        /* the 16 sub-block scales d * sc at once, read back as broadcast memory operands */
+        float dls[16] __attribute__((aligned(64)));
+        _mm512_store_ps(dls, _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 208)),
+                                           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 192)))));
         _Pragma("GCC unroll 16")
         for (int h = 0; h < 2; h++)
             _Pragma("GCC unroll 16")
@@ -755,10 +757,9 @@ static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restri
                 _Pragma("GCC unroll 16")
                 for (int s = 0; s < 4; s++) {
                     const int sb = h * 8 + s * 2 + half;
-                    const float dl = d * (float)scales[sb];
-                    /* dl * (q - 32) rounded once: dl * q - 32 * dl in one FMA */
-                    const __m512 w = _mm512_fmsub_ps(_mm512_set1_ps(dl), _mm512_cvtepi32_ps(q[s]),
-                                                     _mm512_set1_ps(32.0f * dl));
+                    /* (d * sc) * (q - 32): both products exact in float32, as in the reference */
+                    const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q[s], c32)),
+                                                   _mm512_set1_ps(dls[sb]));
                     a[sb & 7] = fma_x(w, x + sb * 16, a[sb & 7]);
                 }
             }
