@@ -70,7 +70,8 @@ RUN pip install --no-build-isolation -c /opt/constraints-image.txt . \
 # --- runtime ------------------------------------------------------------------------------------------------------
 FROM ${CUDA_BASE}
 ARG DEBIAN_FRONTEND=noninteractive
-# python3.12-dev and gcc: Triton compiles its launcher stub against Python.h at first use of a GPU kernel
+# python3.12-dev and gcc: Triton compiles its launcher stub against Python.h at first use of a GPU kernel, and
+# quantserve's CPU kernels (kernels/csrc) are compiled for the node's processor at first use on a CPU replica
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-dev gcc libc6-dev bash wget ca-certificates procps \
     && rm -rf /var/lib/apt/lists/* \
