@@ -146,7 +146,7 @@ def table(rows: list[dict], bf16: dict, bound_extra_mib: float) -> str:
         forward = (f"{r['forward_s']:.3f} | {r['forward_s'] / bf16['forward_s']:.2f}x" if r.get("forward_s") is not None
                    else "not run | ")
         out.append(f"| {r['scheme']} | {r['via']} | {r['load_s']:.2f} | {over:.0f} | {bound:.0f} | "
-                   f"{with_forward if r.get('forward_s') is not None else '-'} | "
+                   f"{f'{with_forward:.0f}' if r.get('forward_s') is not None else '-'} | "
                    f"{r['model_bytes'] / 2**20:.0f} | {r['model_bytes'] / bf16['model_bytes']:.3f}x | {forward} |")
     return "\n".join(out)
 

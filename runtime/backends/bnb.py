@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import BitsAndBytesConfig, dtype_name
 from .base import Backend, QuantizedWeight
+from ..memory import release_freed_memory
 from .chunking import map_rows
 
 BLOCKSIZE_4BIT = 64
@@ -96,8 +97,11 @@ def quantize_4bit_chunked(weight: torch.Tensor, cfg: BitsAndBytesConfig, chunk_e
                                         compress_statistics=cfg.bnb_4bit_use_double_quant,
                                         quant_type=cfg.bnb_4bit_quant_type, quant_storage=cfg.bnb_4bit_quant_storage)
     op = torch.ops.bitsandbytes.quantize_4bit.default
-    parts = [op(weight[i:i + rows].contiguous(), BLOCKSIZE_4BIT, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_quant_storage)
-             for i in range(0, weight.shape[0], rows)]
+    parts = []
+    for i in range(0, weight.shape[0], rows):
+        parts.append(op(weight[i:i + rows].contiguous(), BLOCKSIZE_4BIT, cfg.bnb_4bit_quant_type,
+                        cfg.bnb_4bit_quant_storage))
+        release_freed_memory()  # the op's temporaries, before the next chunk's
     packed = torch.cat([p[0] for p in parts])
     absmax = torch.cat([p[1] for p in parts])
     common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE_4BIT, quant_type=cfg.bnb_4bit_quant_type,
