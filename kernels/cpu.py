@@ -285,4 +285,24 @@ def _slab_matmul(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) 
     return y if dtype == x2.dtype else y.to(x2.dtype)
 
 
-__all__ = ["CpuKernelsUnavailable", "GEMV_MAX_M", "dequantize", "descriptor", "linear", "problem"]
+def quantize_int8_absmax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and a scale per row by absmax, in one pass with no temporaries, as optimum-quanto computes them
+    (AbsmaxOptimizer on axis 0, then quantize_symmetric): scale = dtype(max|w| / 127),
+    q = clamp(round(dtype(w / scale)), -128, 127), `dtype` the weight's (float32, bfloat16 or float16).
+    Returns (q (N, K) int8, scale (N, 1) in the weight's dtype)."""
+    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in _OUT_DTYPES:
+        raise ValueError(f"quantize_int8_absmax: expected a 2-D float32/bfloat16/float16 CPU tensor, got "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    w = weight.contiguous()
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, 1, dtype=w.dtype)
+    rc = cpu_build.library().qs_quantize_int8_absmax(w.data_ptr(), _DTYPES[w.dtype], n, k, q.data_ptr(),
+                                                    scale.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"quantize_int8_absmax: the kernel refused a {tuple(w.shape)} {w.dtype} weight")
+    return q, scale
+
+
+__all__ = ["CpuKernelsUnavailable", "GEMV_MAX_M", "dequantize", "descriptor", "linear", "problem",
+           "quantize_int8_absmax"]

@@ -689,9 +689,3 @@ const char *qs_isa(void) {
     return "scalar";
 #endif
 }
-
-/* TEMP until qs_gguf.c defines it */
-__attribute__((weak)) int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x, float *out) {
-    (void)qtype; (void)row; (void)k; (void)x; (void)out;
-    return -1;
-}

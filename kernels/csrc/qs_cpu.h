@@ -70,4 +70,8 @@ int qs_gguf_supported(int32_t qtype);
  * no fused form (the caller decodes the row instead). */
 int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x, float *out);
 
+/* Quantizers (qs_quantize.c). int8 per row by absmax, optimum-quanto's arithmetic: scale[n] = dt(max|w| / 127),
+ * q = clamp(rint(dt(w / scale)), -128, 127); w and scale in `dtype` (F32, BF16, F16), q int8 (n, k). */
+int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, int8_t *q, void *scale);
+
 #endif

@@ -258,3 +258,24 @@ def test_the_avx2_and_portable_builds_give_the_same_numbers(march, isa, tmp_path
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=str(Path(__file__).resolve().parents[2]))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+# --- quantizers -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_absmax_quantizer_is_quantos_bit_for_bit(dtype):
+    import optimum.quanto as quanto
+    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
+
+    w = (torch.randn(300, 517, generator=_gen(8)) * 0.02).to(dtype)
+    w[3] = 0  # a zero row: 0 / 0, cast to 0
+    w[4, :5] = 1e-30  # subnormal in float32, zero in half
+    w[5, 7] = 100
+    w[6] = (torch.randn(517, generator=_gen(9)) * 1e-6).to(dtype)
+    scale = AbsmaxOptimizer()(w, qtype=quanto.qint8, axis=0)
+    data = torch.ops.quanto.quantize_symmetric(w, dtype=torch.int8, axis=0, scale=scale)
+    q, s = cpu.quantize_int8_absmax(w)
+    assert torch.equal(q, data)
+    assert s.dtype == scale.dtype and torch.equal(s.view(torch.uint8), scale.contiguous().view(torch.uint8))
+    with pytest.raises(ValueError, match="expected a 2-D float32/bfloat16/float16 CPU tensor"):
+        cpu.quantize_int8_absmax(w.double())

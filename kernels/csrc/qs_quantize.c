@@ -1,0 +1,111 @@
+/* quantserve CPU quantizers: weight quantization that backends would otherwise run as several whole-tensor torch
+ * passes with full-size temporaries. Each reproduces a library's arithmetic exactly (the same float32 operations,
+ * the same roundings to the weight's dtype), one row at a time, with no temporaries. */
+#include "qs_cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u = bits_of_f32(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return f32_of_bits(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+static inline uint16_t half_bits(float f) {
+    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00);
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00);
+    if (a < 0x38800000u) return (uint16_t)(sign | (uint32_t)nearbyintf(f32_of_bits(a) * 16777216.0f));
+    uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+static inline float load(const void *p, int32_t dt, int64_t i) {
+    if (dt == QS_BF16) return f32_of_bits((uint32_t)((const uint16_t *)p)[i] << 16);
+    if (dt == QS_F16) return half_to_float(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static inline float round_dt(float f, int32_t dt) {
+    if (dt == QS_BF16) return f32_of_bits((uint32_t)bf16_bits(f) << 16);
+    if (dt == QS_F16) return half_to_float(half_bits(f));
+    return f;
+}
+
+static inline void store(void *p, int32_t dt, int64_t i, float v) {
+    if (dt == QS_BF16) ((uint16_t *)p)[i] = bf16_bits(v);
+    else if (dt == QS_F16) ((uint16_t *)p)[i] = half_bits(v);
+    else ((float *)p)[i] = v;
+}
+
+/* bf16 rounding without the NaN branch: a quiet NaN stays a NaN (0/0 gives the default quiet NaN) */
+static inline float round_bf16_fast(float f) {
+    uint32_t u = bits_of_f32(f);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return f32_of_bits(u & 0xFFFF0000u);
+}
+
+/* int8 per row, absmax: scale[n] = dt(max_k |w[n, k]| / 127); q = int8(clamp(rint(dt(w / scale)), -128, 127)),
+ * NaN (a zero row: 0 / 0) to 0, as torch casts it. optimum-quanto's AbsmaxOptimizer(axis=0) + quantize_symmetric. */
+int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, int8_t *q, void *scale) {
+    if (dtype != QS_F32 && dtype != QS_BF16 && dtype != QS_F16) return -1;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (n * k >= (1 << 17))
+    {
+        float *row = (float *)malloc((size_t)k * sizeof(float));
+        if (!row) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            if (failed) continue;
+            const int64_t base = r * k;
+            if (dtype == QS_BF16) {
+                const uint16_t *src = (const uint16_t *)w + base;
+                for (int64_t i = 0; i < k; i++) row[i] = f32_of_bits((uint32_t)src[i] << 16);
+            } else if (dtype == QS_F16) {
+                for (int64_t i = 0; i < k; i++) row[i] = half_to_float(((const uint16_t *)w)[base + i]);
+            } else {
+                memcpy(row, (const float *)w + base, (size_t)k * sizeof(float));
+            }
+            float amax = 0.0f;
+            int nan = 0;
+            for (int64_t i = 0; i < k; i++) {
+                float a = fabsf(row[i]);
+                nan |= a != a;
+                amax = a > amax ? a : amax;
+            }
+            if (nan) amax = NAN; /* torch.amax propagates NaN */
+            const float s = round_dt(amax / 127.0f, dtype);
+            store(scale, dtype, r, s);
+            int8_t *out = q + base;
+            if (dtype == QS_BF16) {
+                for (int64_t i = 0; i < k; i++) row[i] = rintf(round_bf16_fast(row[i] / s));
+            } else {
+                for (int64_t i = 0; i < k; i++) row[i] = rintf(round_dt(row[i] / s, dtype));
+            }
+            for (int64_t i = 0; i < k; i++) {
+                float v = row[i] != row[i] ? 0.0f : row[i];
+                v = v > 127.0f ? 127.0f : v;
+                v = v < -128.0f ? -128.0f : v;
+                out[i] = (int8_t)(int32_t)v;
+            }
+        }
+        free(row);
+    }
+    return failed ? -1 : 0;
+}
