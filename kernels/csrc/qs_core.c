@@ -380,6 +380,11 @@ int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t
  * for most) is not applied, so the result is as close to the exact product as float32 accumulation allows.
  * Each returns -1 where it has no fused form (the GEMV then decodes the row). */
 #ifdef QS_AVX512
+/* software prefetch of the packed weight this far ahead: with long rows the activations fill L1 and the hardware
+ * prefetcher alone leaves the weight stream short of DRAM bandwidth */
+#define QS_PREFETCH 4096
+#define QS_PF(p) _mm_prefetch((const char *)(p) + QS_PREFETCH, _MM_HINT_T0)
+
 static inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
 }
@@ -407,6 +412,7 @@ static int dot_bnb4(const qs_weight *w, int64_t n, const float *x, float *out) {
     for (int64_t b = 0, i = 0; b < k / bs; b++) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int64_t j = 0; j < bs; j += 32, i += 32) {
+            if ((i & 127) == 0) QS_PF(q + i / 2);
             __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
             __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
             __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
@@ -429,6 +435,7 @@ static int dot_int8_rows(const qs_weight *w, int64_t n, const float *x, float xs
     int64_t i = 0;
 #define QS_I8(off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i + (off)))))
     for (; i + 64 <= k; i += 64) {
+        QS_PF(q + i);
         a0 = _mm512_fmadd_ps(QS_I8(0), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(QS_I8(16), _mm512_loadu_ps(x + i + 16), a1);
         a2 = _mm512_fmadd_ps(QS_I8(32), _mm512_loadu_ps(x + i + 32), a2);
@@ -452,6 +459,7 @@ static int dot_float8(const qs_weight *w, int64_t n, const float *x, float *out)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
+        if ((i & 63) == 0) QS_PF(q + i);
         a0 = _mm512_fmadd_ps(fp8x16(q + i, e5m2), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(fp8x16(q + i + 16, e5m2), _mm512_loadu_ps(x + i + 16), a1);
     }
@@ -477,6 +485,7 @@ static int dot_int4_grouped(const qs_weight *w, int64_t n, const float *x, const
         const int64_t at = n * w->scale_stride_n + j * w->scale_stride_g;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int64_t i = j * g; i < (j + 1) * g; i += 32) {
+            if ((i & 127) == 0) QS_PF(q + i / 2);
             __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
             __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
             __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
@@ -508,6 +517,7 @@ static int dot_quanto(const qs_weight *w, int64_t n, const float *x, const float
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         int64_t i = 0;
         for (; i + 32 <= g; i += 32) {
+            if ((i & 63) == 0) QS_PF(q + i);
             __m512i c0 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), shift), mask);
             __m512i c1 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i + 16))), shift), mask);
             a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, lut), _mm512_loadu_ps(x + j * g + i), a0);
@@ -534,6 +544,8 @@ static int dot_nvfp4(const qs_weight *w, int64_t n, const float *x, float *out) 
     for (int64_t j = 0; j < blocks; j += 16) {
         float per_block[16];
         _mm512_storeu_ps(per_block, _mm512_mul_ps(fp8x16(bs + j, 0), g));
+        QS_PF(q + j * 8);
+        QS_PF(q + j * 8 + 64);
         for (int t = 0; t < 16; t += 2) {
             const int64_t i = (j + t) * 16;
             __m512 c0 = _mm512_permutexvar_ps(nibbles16(q + i / 2, 0), lut);
