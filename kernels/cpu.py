@@ -304,5 +304,23 @@ def quantize_int8_absmax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+def quantize_int8_symmetric(weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and a float32 scale per row, symmetric from each row's range, as torchao computes them
+    (choose_qparams_affine SYMMETRIC with int8 bounds, then quantize_affine): s = max(dtype(max(-min, max) / 127.5),
+    eps), q = clamp(round(w * (1 / s)), -128, 127). Returns (q (N, K) int8, scale (N, 1) float32)."""
+    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in _OUT_DTYPES:
+        raise ValueError(f"quantize_int8_symmetric: expected a 2-D float32/bfloat16/float16 CPU tensor, got "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    w = weight.contiguous()
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, 1, dtype=torch.float32)
+    rc = cpu_build.library().qs_quantize_int8_symmetric(w.data_ptr(), _DTYPES[w.dtype], n, k, float(eps),
+                                                       q.data_ptr(), scale.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"quantize_int8_symmetric: the kernel refused a {tuple(w.shape)} {w.dtype} weight")
+    return q, scale
+
+
 __all__ = ["CpuKernelsUnavailable", "GEMV_MAX_M", "dequantize", "descriptor", "linear", "problem",
-           "quantize_int8_absmax"]
+           "quantize_int8_absmax", "quantize_int8_symmetric"]

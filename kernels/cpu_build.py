@@ -140,6 +140,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_gguf_supported.restype = c_int32
     lib.qs_quantize_int8_absmax.argtypes = [c_void_p, c_int32, c_int64, c_int64, c_void_p, c_void_p]
     lib.qs_quantize_int8_absmax.restype = c_int32
+    lib.qs_quantize_int8_symmetric.argtypes = [c_void_p, c_int32, c_int64, c_int64, c_float, c_void_p, c_void_p]
+    lib.qs_quantize_int8_symmetric.restype = c_int32
 
 
 def library() -> ctypes.CDLL:

@@ -73,5 +73,9 @@ int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x
 /* Quantizers (qs_quantize.c). int8 per row by absmax, optimum-quanto's arithmetic: scale[n] = dt(max|w| / 127),
  * q = clamp(rint(dt(w / scale)), -128, 127); w and scale in `dtype` (F32, BF16, F16), q int8 (n, k). */
 int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, int8_t *q, void *scale);
+/* int8 per row, symmetric from the row's range, torchao's arithmetic: s = max(dt(max(-min(w, 0), max(w, 0)) / 127.5),
+ * eps) kept as float32, q = clamp(rint(w * (1 / s)), -128, 127). */
+int qs_quantize_int8_symmetric(const void *w, int32_t dtype, int64_t n, int64_t k, float eps, int8_t *q,
+                               float *scale);
 
 #endif

@@ -528,6 +528,56 @@ QS_INLINE float hsum8(const __m512 *a) {
     return _mm512_reduce_add_ps(s);
 }
 
+/* Software prefetch of the raw blocks PF_* bytes ahead, one _mm_prefetch per 64-byte cache line: pf is the next
+ * line to fetch, and each step fetches every line up to its own end + dist (past the row's end too: a GEMV's rows are
+ * contiguous, so those are the next row's first lines). PFX_* (0: off) also fetches x that many bytes ahead. */
+#ifndef QS_PF_ALL
+#define PF(name) PF_##name
+#else
+#define PF(name) QS_PF_ALL
+#endif
+#ifndef QS_PFX_ALL
+#define PFX(name) PFX_##name
+#else
+#define PFX(name) QS_PFX_ALL
+#endif
+#define PF_q4_0 4096
+#define PF_q4_1 4096
+#define PF_q5_0 4096
+#define PF_q5_1 4096
+#define PF_q8_0 4096
+#define PF_iq4_nl 4096
+#define PF_q2_k 4096
+#define PF_q3_k 4096
+#define PF_q4_k 4096
+#define PF_q5_k 4096
+#define PF_q6_k 4096
+#define PF_iq4_xs 4096
+#define PFX_q4_0 0
+#define PFX_q4_1 0
+#define PFX_q5_0 0
+#define PFX_q5_1 0
+#define PFX_q8_0 0
+#define PFX_iq4_nl 0
+#define PFX_q2_k 0
+#define PFX_q3_k 0
+#define PFX_q4_k 0
+#define PFX_q5_k 0
+#define PFX_q6_k 0
+#define PFX_iq4_xs 0
+QS_INLINE const uint8_t *pf_start(const uint8_t *b, int dist) {
+    return (const uint8_t *)(((uintptr_t)b + (uintptr_t)dist) & ~(uintptr_t)63);
+}
+QS_INLINE const uint8_t *pf_upto(const uint8_t *pf, const uint8_t *end) {
+    while (pf < end) { _mm_prefetch((const char *)pf, _MM_HINT_T0); pf += 64; }
+    return pf;
+}
+/* x: n floats (a multiple of 16, 64-byte lines if x is 64-byte aligned) dist bytes ahead of x */
+QS_INLINE void pfx(const float *x, int n, int dist) {
+    if (dist)
+        for (int i = 0; i < n; i += 16) _mm_prefetch((const char *)x + dist + 4 * i, _MM_HINT_T0);
+}
+
 /* 32-weight blocks: 2 vectors each, four blocks per step over the eight accumulators */
 QS_INLINE void blk_q4_0(const uint8_t *b, const float *x, __m512 *a) {
     const __m512 t = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b)), _mm512_loadu_ps(NIB_M8_F));
@@ -580,9 +630,13 @@ QS_INLINE void blk_iq4_nl(const uint8_t *b, const float *x, __m512 *a) {
     static float dot_##name(const uint8_t *restrict b, int64_t nb, const float *restrict x) {                      \
         __m512 a[8];                                                                                                \
         for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();                                                     \
+        const uint8_t *pf = pf_start(b, PF(name));                                                                  \
         int64_t ib = 0;                                                                                             \
-        for (; ib + 4 <= nb; ib += 4, b += 4 * (bytes), x += 128)                                                   \
+        for (; ib + 4 <= nb; ib += 4, b += 4 * (bytes), x += 128) {                                                 \
+            pf = pf_upto(pf, b + 4 * (bytes) + PF(name));                                                           \
+            pfx(x, 128, PFX(name));                                                                                 \
             for (int u = 0; u < 4; u++) blk_##name(b + u * (bytes), x + 32 * u, a + (step) * u);                    \
+        }                                                                                                           \
         for (; ib < nb; ib++, b += (bytes), x += 32) blk_##name(b, x, a);                                           \
         return hsum8(a);                                                                                            \
     }
@@ -603,7 +657,10 @@ static float dot_q2_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const __m512 crumbs = _mm512_loadu_ps(CRUMB_F);
     const __m512i c3 = _mm512_set1_epi32(3), c15 = _mm512_set1_epi32(15);
     const __m512i quarter = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+    const uint8_t *pf = pf_start(b, PF(q2_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 84, x += 256) {
+        pf = pf_upto(pf, b + 84 + PF(q2_k));
+        pfx(x, 256, PFX(q2_k));
         const uint8_t *qs = b + 16;
         const __m512i sc = zx16(b);
         const __m512 dl = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 80)), _mm512_cvtepi32_ps(_mm512_and_si512(sc, c15)));
@@ -643,7 +700,10 @@ static float dot_q3_k(const uint8_t *restrict b, int64_t nb, const float *restri
     /* lane sb: the low four bits are byte sb & 7 >> (sb < 8 ? 0 : 4), the high two byte 8 + (sb & 3) >> 2 * (sb >> 2) */
     const __m512i low_shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
     const __m512i high_shift = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+    const uint8_t *pf = pf_start(b, PF(q3_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 110, x += 256) {
+        pf = pf_upto(pf, b + 110 + PF(q3_k));
+        pfx(x, 256, PFX(q3_k));
         const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
         const __m128i s8 = _mm_loadl_epi64((const __m128i *)sc);
         const __m512i low = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(s8, s8)), low_shift), c15);
@@ -678,7 +738,10 @@ static float dot_q4_k(const uint8_t *restrict b, int64_t nb, const float *restri
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512 nib = _mm512_loadu_ps(NIB_F);
+    const uint8_t *pf = pf_start(b, PF(q4_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 144, x += 256) {
+        pf = pf_upto(pf, b + 144 + PF(q4_k));
+        pfx(x, 256, PFX(q4_k));
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 16;
         _Pragma("GCC unroll 16")
@@ -705,7 +768,10 @@ static float dot_q5_k(const uint8_t *restrict b, int64_t nb, const float *restri
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512 nib = _mm512_loadu_ps(NIB_F), nib16 = _mm512_loadu_ps(NIB_P16_F);
     const __m512i c15 = _mm512_set1_epi32(15), c16 = _mm512_set1_epi32(16);
+    const uint8_t *pf = pf_start(b, PF(q5_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 176, x += 256) {
+        pf = pf_upto(pf, b + 176 + PF(q5_k));
+        pfx(x, 256, PFX(q5_k));
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 48;
         const __m128i qh[2] = {ld128(b + 16), ld128(b + 32)};
@@ -736,7 +802,10 @@ static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restri
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512i c15 = _mm512_set1_epi32(15), c48 = _mm512_set1_epi32(0x30), c32 = _mm512_set1_epi32(32);
+    const uint8_t *pf = pf_start(b, PF(q6_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 210, x += 256) {
+        pf = pf_upto(pf, b + 210 + PF(q6_k));
+        pfx(x, 256, PFX(q6_k));
         const uint8_t *ql = b, *qh = b + 128;
         /* the 16 sub-block scales d * sc at once, read back as broadcast memory operands */
         float dls[16] __attribute__((aligned(64)));
@@ -771,7 +840,10 @@ static float dot_iq4_xs(const uint8_t *restrict b, int64_t nb, const float *rest
     __m512 a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
     const __m512 levels = _mm512_loadu_ps(IQ4_LEVELS_F);
+    const uint8_t *pf = pf_start(b, PF(iq4_xs));
     for (int64_t ib = 0; ib < nb; ib++, b += 136, x += 256) {
+        pf = pf_upto(pf, b + 136 + PF(iq4_xs));
+        pfx(x, 256, PFX(iq4_xs));
         const float d = h2f_hw(b);
         const uint16_t sh = ld16(b + 2);
         const uint8_t *sl = b + 4, *qs = b + 8;

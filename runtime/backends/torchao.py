@@ -328,6 +328,35 @@ def _row_axis(t: torch.Tensor, rows: int) -> int | None:
     return next((i for i, n in enumerate(t.shape) if n == rows), None)
 
 
+def _int8_weight_in_c(w: torch.Tensor, quantize_one: Any) -> torch.Tensor | None:
+    """int8wo through quantserve's C quantizer (torchao's per-row symmetric arithmetic, one pass, no temporaries):
+    torchao quantizes two probe rows first, for the subclass's description and to check that the C kernel gives
+    its very bytes with this torchao; None (use torchao) when anything differs or the CPU kernels are unavailable."""
+    if w.device.type != "cpu" or w.dim() != 2 or w.shape[0] < 2 or w.dtype not in (torch.float32, torch.bfloat16,
+                                                                                  torch.float16):
+        return None
+    from ...kernels import cpu as cpu_kernels
+    from ...kernels import cpu_build
+
+    if cpu_build.problem() is not None:
+        return None
+    probe = quantize_one(w[:2].contiguous())
+    desc = _describe(probe)
+    if (desc.get("_type") != "Int8Tensor" or sorted(desc.get("_tensor_data_names") or []) != ["qdata", "scale", "zero_point"]
+            or list((desc.get("_data") or {}).get("block_size") or []) != [1, w.shape[1]]
+            or getattr(probe, "zero_point", None) is None or bool(probe.zero_point.any())):
+        return None
+    eps = torch.finfo(torch.float32).eps
+    q2, s2 = cpu_kernels.quantize_int8_symmetric(w[:2], eps)
+    if not (torch.equal(q2, probe.qdata) and probe.scale.dtype == s2.dtype and torch.equal(s2, probe.scale)
+            and tuple(probe.scale.shape) == (2, 1)):
+        return None
+    if probe.zero_point.dtype != torch.int8 or tuple(probe.zero_point.shape) != (2, 1):
+        return None
+    qdata, scale = cpu_kernels.quantize_int8_symmetric(w, eps)
+    return _rebuild(desc, {"qdata": qdata, "scale": scale, "zero_point": torch.zeros(w.shape[0], 1, dtype=torch.int8)})
+
+
 def _int4_weight(weight: torch.Tensor, cfg: Any, chunk_elements: int | None = None) -> Int4GroupedWeight:
     """int4wo: min-max (torchao's default) or HQQ (torchao's own HQQ solver) qparams, in int4_grouped.
 
@@ -475,6 +504,10 @@ class TorchAoBackend(Backend, config=TorchAoConfig):
             w = w.to(self.compute_dtype)
         if isinstance(cfg, q.Int4WeightOnlyConfig):
             return _int4_weight(w, cfg, self.chunk_elements)
+        if isinstance(cfg, q.Int8WeightOnlyConfig):
+            fast = _int8_weight_in_c(w, lambda c: self._quantize_(name, c, cfg))
+            if fast is not None:
+                return TorchAoWeight.from_subclass(fast)
         if isinstance(cfg, q.Float8DynamicActivationFloat8WeightConfig) and w.device.type not in ("cuda", "xpu"):
             return TorchAoWeight.from_subclass(self._chunked(w, lambda c: _float8_dynamic_off_cuda(name, c, cfg)))
         return TorchAoWeight.from_subclass(self._chunked(w, lambda c: self._quantize_(name, c, cfg)))

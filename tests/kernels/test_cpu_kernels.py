@@ -279,3 +279,37 @@ def test_int8_absmax_quantizer_is_quantos_bit_for_bit(dtype):
     assert s.dtype == scale.dtype and torch.equal(s.view(torch.uint8), scale.contiguous().view(torch.uint8))
     with pytest.raises(ValueError, match="expected a 2-D float32/bfloat16/float16 CPU tensor"):
         cpu.quantize_int8_absmax(w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_symmetric_quantizer_is_torchaos_bit_for_bit(dtype):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    w = (torch.randn(300, 517, generator=_gen(10)) * 0.02).to(dtype)
+    w[3] = 0  # the eps clamp
+    w[4, :5] = 1e-30
+    w[5, 7] = 100
+    w[6] = (torch.randn(517, generator=_gen(11)) * 1e-6).to(dtype)
+    w[7] = w[7].abs()  # min above zero
+    layer = torch.nn.Linear(517, 300, bias=False, dtype=dtype)
+    layer.weight.data.copy_(w)
+    quantize_(layer, Int8WeightOnlyConfig())
+    q, s = cpu.quantize_int8_symmetric(w, torch.finfo(torch.float32).eps)
+    assert torch.equal(q, layer.weight.qdata) and torch.equal(s, layer.weight.scale)
+
+
+def test_torchao_int8wo_quantizes_through_c_with_torchaos_bytes():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from quantserve.runtime.backends import backend_for
+    from quantserve.runtime.config import TorchAoConfig
+
+    w = (torch.randn(1000, 768, generator=_gen(12)) * 0.02).to(torch.bfloat16)
+    ours = backend_for(TorchAoConfig("int8wo"), torch.bfloat16).quantize("blocks.0.attn.to_q", w)
+    layer = torch.nn.Linear(768, 1000, bias=False, dtype=torch.bfloat16)
+    layer.weight.data.copy_(w)
+    quantize_(layer, Int8WeightOnlyConfig())
+    tensors = ours.packed_tensors()
+    for name in ("qdata", "scale", "zero_point"):
+        got = next(t for key, t in tensors.items() if key.split(".")[-1] == name)
+        assert torch.equal(got, getattr(layer.weight, name)), name
