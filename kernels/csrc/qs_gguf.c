@@ -528,54 +528,34 @@ QS_INLINE float hsum8(const __m512 *a) {
     return _mm512_reduce_add_ps(s);
 }
 
-/* Software prefetch of the raw blocks PF_* bytes ahead, one _mm_prefetch per 64-byte cache line: pf is the next
- * line to fetch, and each step fetches every line up to its own end + dist (past the row's end too: a GEMV's rows are
- * contiguous, so those are the next row's first lines). PFX_* (0: off) also fetches x that many bytes ahead. */
-#ifndef QS_PF_ALL
-#define PF(name) PF_##name
-#else
+/* Software prefetch of the raw blocks PF_<type> bytes ahead, one _mm_prefetch per 64-byte cache line: pf is the next
+ * line to fetch, and each step fetches every line up to its own end + the distance (past the row's end too: a GEMV's
+ * rows are contiguous, so those are the next rows' lines). Without it a row streamed from DRAM at k = 12288 (x, 48 KB,
+ * no longer in L1) ran at half to a third of the k = 3072 speed. Prefetching x as well did not help. -DQS_PF_ALL=n
+ * sets every distance (for tuning). */
+#ifdef QS_PF_ALL
 #define PF(name) QS_PF_ALL
-#endif
-#ifndef QS_PFX_ALL
-#define PFX(name) PFX_##name
 #else
-#define PFX(name) QS_PFX_ALL
+#define PF(name) PF_##name
 #endif
-#define PF_q4_0 4096
-#define PF_q4_1 4096
-#define PF_q5_0 4096
-#define PF_q5_1 4096
-#define PF_q8_0 4096
-#define PF_iq4_nl 4096
-#define PF_q2_k 4096
-#define PF_q3_k 4096
-#define PF_q4_k 4096
-#define PF_q5_k 4096
-#define PF_q6_k 4096
-#define PF_iq4_xs 4096
-#define PFX_q4_0 0
-#define PFX_q4_1 0
-#define PFX_q5_0 0
-#define PFX_q5_1 0
-#define PFX_q8_0 0
-#define PFX_iq4_nl 0
-#define PFX_q2_k 0
-#define PFX_q3_k 0
-#define PFX_q4_k 0
-#define PFX_q5_k 0
-#define PFX_q6_k 0
-#define PFX_iq4_xs 0
+#define PF_q4_0 8192
+#define PF_q4_1 8192
+#define PF_q5_0 8192
+#define PF_q5_1 8192
+#define PF_q8_0 8192
+#define PF_iq4_nl 8192
+#define PF_q2_k 6144
+#define PF_q3_k 6144
+#define PF_q4_k 6144
+#define PF_q5_k 6144
+#define PF_q6_k 6144
+#define PF_iq4_xs 6144
 QS_INLINE const uint8_t *pf_start(const uint8_t *b, int dist) {
     return (const uint8_t *)(((uintptr_t)b + (uintptr_t)dist) & ~(uintptr_t)63);
 }
 QS_INLINE const uint8_t *pf_upto(const uint8_t *pf, const uint8_t *end) {
     while (pf < end) { _mm_prefetch((const char *)pf, _MM_HINT_T0); pf += 64; }
     return pf;
-}
-/* x: n floats (a multiple of 16, 64-byte lines if x is 64-byte aligned) dist bytes ahead of x */
-QS_INLINE void pfx(const float *x, int n, int dist) {
-    if (dist)
-        for (int i = 0; i < n; i += 16) _mm_prefetch((const char *)x + dist + 4 * i, _MM_HINT_T0);
 }
 
 /* 32-weight blocks: 2 vectors each, four blocks per step over the eight accumulators */
@@ -634,7 +614,6 @@ QS_INLINE void blk_iq4_nl(const uint8_t *b, const float *x, __m512 *a) {
         int64_t ib = 0;                                                                                             \
         for (; ib + 4 <= nb; ib += 4, b += 4 * (bytes), x += 128) {                                                 \
             pf = pf_upto(pf, b + 4 * (bytes) + PF(name));                                                           \
-            pfx(x, 128, PFX(name));                                                                                 \
             for (int u = 0; u < 4; u++) blk_##name(b + u * (bytes), x + 32 * u, a + (step) * u);                    \
         }                                                                                                           \
         for (; ib < nb; ib++, b += (bytes), x += 32) blk_##name(b, x, a);                                           \
@@ -660,7 +639,6 @@ static float dot_q2_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const uint8_t *pf = pf_start(b, PF(q2_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 84, x += 256) {
         pf = pf_upto(pf, b + 84 + PF(q2_k));
-        pfx(x, 256, PFX(q2_k));
         const uint8_t *qs = b + 16;
         const __m512i sc = zx16(b);
         const __m512 dl = _mm512_mul_ps(_mm512_set1_ps(h2f_hw(b + 80)), _mm512_cvtepi32_ps(_mm512_and_si512(sc, c15)));
@@ -703,7 +681,6 @@ static float dot_q3_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const uint8_t *pf = pf_start(b, PF(q3_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 110, x += 256) {
         pf = pf_upto(pf, b + 110 + PF(q3_k));
-        pfx(x, 256, PFX(q3_k));
         const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
         const __m128i s8 = _mm_loadl_epi64((const __m128i *)sc);
         const __m512i low = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(s8, s8)), low_shift), c15);
@@ -741,7 +718,6 @@ static float dot_q4_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const uint8_t *pf = pf_start(b, PF(q4_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 144, x += 256) {
         pf = pf_upto(pf, b + 144 + PF(q4_k));
-        pfx(x, 256, PFX(q4_k));
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 16;
         _Pragma("GCC unroll 16")
@@ -771,7 +747,6 @@ static float dot_q5_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const uint8_t *pf = pf_start(b, PF(q5_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 176, x += 256) {
         pf = pf_upto(pf, b + 176 + PF(q5_k));
-        pfx(x, 256, PFX(q5_k));
         const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
         const uint8_t *qs = b + 48;
         const __m128i qh[2] = {ld128(b + 16), ld128(b + 32)};
@@ -805,7 +780,6 @@ static float dot_q6_k(const uint8_t *restrict b, int64_t nb, const float *restri
     const uint8_t *pf = pf_start(b, PF(q6_k));
     for (int64_t ib = 0; ib < nb; ib++, b += 210, x += 256) {
         pf = pf_upto(pf, b + 210 + PF(q6_k));
-        pfx(x, 256, PFX(q6_k));
         const uint8_t *ql = b, *qh = b + 128;
         /* the 16 sub-block scales d * sc at once, read back as broadcast memory operands */
         float dls[16] __attribute__((aligned(64)));
@@ -843,7 +817,6 @@ static float dot_iq4_xs(const uint8_t *restrict b, int64_t nb, const float *rest
     const uint8_t *pf = pf_start(b, PF(iq4_xs));
     for (int64_t ib = 0; ib < nb; ib++, b += 136, x += 256) {
         pf = pf_upto(pf, b + 136 + PF(iq4_xs));
-        pfx(x, 256, PFX(iq4_xs));
         const float d = h2f_hw(b);
         const uint16_t sh = ld16(b + 2);
         const uint8_t *sl = b + 4, *qs = b + 8;
