@@ -180,7 +180,6 @@ static void decode_bnb4(const qs_weight *w, int64_t n, float *out) {
         uint8_t byte = w->data[f >> 1];
         out[i] = w->lut[(f & 1) ? (byte & 0xF) : (byte >> 4)] * bnb_absmax(w, f / bs);
     }
-    round_row(out, k, w->round_dtype);
 }
 
 static void decode_int8_rows(const qs_weight *w, int64_t n, float *out) {
@@ -198,7 +197,6 @@ static void decode_int8_rows(const qs_weight *w, int64_t n, float *out) {
     }
 #endif
     for (; i < w->k; i++) out[i] = (w->zero ? (float)q[i] - zero : (float)q[i]) * scale;
-    round_row(out, w->k, w->round_dtype);
 }
 
 static void decode_float8(const qs_weight *w, int64_t n, float *out) {
@@ -211,7 +209,6 @@ static void decode_float8(const qs_weight *w, int64_t n, float *out) {
     for (; i + 16 <= w->k; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(fp8x16(q + i, e5m2), s));
 #endif
     for (; i < w->k; i++) out[i] = fp8_to_float(q[i], e5m2) * scale;
-    round_row(out, w->k, w->round_dtype);
 }
 
 static void decode_int4_grouped(const qs_weight *w, int64_t n, float *out) {
@@ -238,7 +235,6 @@ static void decode_int4_grouped(const qs_weight *w, int64_t n, float *out) {
             out[i] = (float)((c ^ 8) - 8) * s + z;
         }
     }
-    round_row(out, w->k, w->round_dtype);
 }
 
 static void decode_quanto(const qs_weight *w, int64_t n, float *out) {
@@ -304,18 +300,21 @@ static int decode_gguf(const qs_weight *w, int64_t n, float *out) {
     return qs_gguf_decode_row(w->kind, w->data + n * w->data_stride, w->k, out);
 }
 
-/* decode row n into out (k floats); 0 or -1 */
-static int decode_row(const qs_weight *w, int64_t n, float *out) {
+/* decode row n into out (k floats), then round it to `round_dtype` (the format's own dtype, or F32 when the caller
+ * rounds to that dtype itself: rounding twice to one dtype is rounding once); 0 or -1 */
+static int decode_row(const qs_weight *w, int64_t n, float *out, int32_t round_dtype) {
     switch (w->fmt) {
-    case QS_FMT_BNB4: decode_bnb4(w, n, out); return 0;
-    case QS_FMT_INT8_ROWS: decode_int8_rows(w, n, out); return 0;
-    case QS_FMT_FLOAT8: decode_float8(w, n, out); return 0;
-    case QS_FMT_INT4_GROUPED: decode_int4_grouped(w, n, out); return 0;
-    case QS_FMT_QUANTO: decode_quanto(w, n, out); return 0;
-    case QS_FMT_NVFP4: decode_nvfp4(w, n, out); return 0;
-    case QS_FMT_GGUF: return decode_gguf(w, n, out);
+    case QS_FMT_BNB4: decode_bnb4(w, n, out); break;
+    case QS_FMT_INT8_ROWS: decode_int8_rows(w, n, out); break;
+    case QS_FMT_FLOAT8: decode_float8(w, n, out); break;
+    case QS_FMT_INT4_GROUPED: decode_int4_grouped(w, n, out); break;
+    case QS_FMT_QUANTO: decode_quanto(w, n, out); return 0; /* rounds as it computes */
+    case QS_FMT_NVFP4: decode_nvfp4(w, n, out); break;
+    case QS_FMT_GGUF: if (decode_gguf(w, n, out) != 0) return -1; break;
     default: return -1;
     }
+    round_row(out, w->k, round_dtype);
+    return 0;
 }
 
 int qs_supported(int32_t fmt, int32_t kind) {
@@ -340,8 +339,12 @@ static void store_row(const float *src, int64_t k, void *dst, int32_t dtype) {
         __m512 v = _mm512_loadu_ps(src + i);
         __m256i h;
         if (dtype == QS_BF16) {
+#ifdef __AVX512BF16__
+            h = (__m256i)_mm512_cvtneps_pbh(v); /* round to nearest even, as float_to_bf16_bits */
+#else
             __m512i u = _mm512_castps_si512(round_bf16_v(v));
             h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+#endif
         } else {
             h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
@@ -365,7 +368,10 @@ int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t
             if (failed) continue;
             char *dst = (char *)out + (n - n0) * k * esize;
             float *row = buf ? buf : (float *)dst;
-            if (decode_row(w, n, row) != 0) { failed = 1; continue; }
+            if (decode_row(w, n, row, w->round_dtype == out_dtype ? QS_F32 : w->round_dtype) != 0) {
+                failed = 1;
+                continue;
+            }
             if (buf) store_row(row, k, dst, out_dtype);
         }
         free(buf);
@@ -661,7 +667,7 @@ int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float
             const int64_t n0 = b * RB;
             const int rows = (int)(nout - n0 < RB ? nout - n0 : RB);
             for (int j = 0; j < RB; j++) /* a short last block repeats its last row; the extra sums are dropped */
-                if (decode_row(w, n0 + (j < rows ? j : rows - 1), buf + j * k) != 0) failed = 1;
+                if (decode_row(w, n0 + (j < rows ? j : rows - 1), buf + j * k, w->round_dtype) != 0) failed = 1;
             if (failed) continue;
             for (int64_t r0 = 0; r0 < m; r0 += 4) {
                 const int mr = (int)(m - r0 < 4 ? m - r0 : 4);
