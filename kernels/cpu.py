@@ -23,7 +23,7 @@ from . import cpu_build
 from .cpu_build import CpuKernelsUnavailable
 from .formats import NVFP4, BnB4bit, Float8, FormatError, GGUFBlocks, Int4Grouped, Int8Rows, PackedWeight, QuantoGrouped
 
-GEMV_MAX_M = 8           # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
+GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
 SLAB_BYTES = 4 << 20     # bytes of one dequantized slab (L2 to L3 sized: fewer slabs, each still cache-hot)
 
 FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF = range(1, 8)

@@ -2,7 +2,7 @@
 
 Importing this module registers four candidates with the router (idempotent):
 - "triton_fused" (preference 10): Triton's fused dequantize-matmul (split-K for M <= 16, tiled above);
-- "cpu_fused" (preference 15): the native CPU kernels' fused dequantize-GEMV (M <= 8), slabs above;
+- "cpu_fused" (preference 15): the native CPU kernels' fused dequantize-GEMV (M <= 4), slabs above;
 - "triton_dequant" (preference 30): Triton dequantizes the weight to the activation dtype, torch runs the matmul;
 - "cpu_dequant" (preference 35): the CPU kernels dequantize slabs of rows, torch's GEMM multiplies each.
 
@@ -275,7 +275,7 @@ def register() -> None:
     register_candidate(Candidate(FUSED, triton_fused_kernel, can_run_triton, 10,
                                  "Triton fused dequantize-matmul (split-K for M <= 16, tiled above)"))
     register_candidate(Candidate(CPU_FUSED, cpu_fused_kernel, can_run_cpu, 15,
-                                 "CPU fused dequantize-GEMV (C, SIMD, OpenMP; slabs above 8 rows)"))
+                                 "CPU fused dequantize-GEMV (C, SIMD, OpenMP; slabs above 4 rows)"))
     register_candidate(Candidate(DEQUANT, triton_dequant_kernel, can_run_triton, 30,
                                  "Triton dequantize, then a dense matmul"))
     register_candidate(Candidate(CPU_DEQUANT, cpu_dequant_kernel, can_run_cpu, 35,
