@@ -159,13 +159,16 @@ def bench_dequantize(schemes, shape) -> list[dict]:
         weight = build_weight(scheme, dense)
         packed = packed_format(weight)
         row = {"scheme": scheme, "fmt": weight.fmt, "ms": {}}
+        buffer = torch.empty(n, k, dtype=torch.bfloat16)
         row["ms"]["quantserve C"] = time_ms(lambda: cpu_kernels.dequantize(packed, torch.bfloat16), repeats=5)
+        row["ms"]["quantserve C, out="] = time_ms(lambda: cpu_kernels.dequantize(packed, torch.bfloat16, out=buffer),
+                                                  repeats=5)
         row["ms"]["torch reference"] = time_ms(lambda: reference.dequantize(packed, torch.bfloat16), 1, 3)
         if weight.fmt in ("nf4", "fp4"):
             import bitsandbytes.functional as BF
 
             qs = weight.quant_state()
-            row["ms"]["bitsandbytes"] = time_ms(lambda: BF.dequantize_4bit(weight.data, qs), 1, 3)
+            row["ms"]["bitsandbytes"] = time_ms(lambda: BF.dequantize_4bit(weight.data, qs), 1, 3)  # (no CPU out=)
         if weight.fmt.startswith("gguf:"):
             from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
@@ -221,17 +224,20 @@ def markdown(rows: list[Row], dequant: list[dict], shape, command: str) -> str:
                   ("." if not misses else "; not met: " + ", ".join(f"{r.scheme} {r.n}x{r.k} M={r.m} ({r.ratio:.2f}x)"
                                                                     for r in misses))]
     if dequant:
-        impls = ["quantserve C", "torch reference", "bitsandbytes", "diffusers GGUF"]
+        impls = ["quantserve C", "quantserve C, out=", "torch reference", "bitsandbytes", "diffusers GGUF"]
         n, k = shape
-        lines += ["", f"Dequantize a {n}x{k} weight to bf16: ms (GB/s of bf16 output); speed-up of the C kernel over "
-                      "each other path.", "",
+        lines += ["", f"Dequantize a {n}x{k} weight to bf16: ms (GB/s of bf16 output). A new tensor each call, or "
+                      "`out=` a reused buffer (a fresh 75 MB tensor costs its page faults, more than the decoding; "
+                      "bitsandbytes has no CPU `out=`); speed-ups of the C kernel (new tensor) over each other path.", "",
                   "| scheme | fmt | " + " | ".join(impls) + " | C vs reference | C vs bitsandbytes | C vs diffusers |",
                   "|" + "---|" * (2 + len(impls) + 3)]
         for d in dequant:
             ms = d["ms"]
             cells = [f"{ms[i]:.2f} ({2 * n * k / (ms[i] * 1e-3) / 1e9:.1f})" if ms.get(i) else "-" for i in impls]
             c = ms["quantserve C"]
-            speed = [f"{ms[i] / c:.1f}x" if ms.get(i) else "-" for i in impls[1:]]
+            speed = [f"{ms['torch reference'] / c:.1f}x",
+                     f"{ms['bitsandbytes'] / c:.1f}x" if ms.get("bitsandbytes") else "-",
+                     f"{ms['diffusers GGUF'] / c:.1f}x" if ms.get("diffusers GGUF") else "-"]
             lines.append(f"| {d['scheme']} | {d['fmt']} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |")
     return "\n".join(lines) + "\n"
 

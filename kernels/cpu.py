@@ -208,14 +208,23 @@ def problem(packed: PackedWeight | None = None) -> str | None:
     return reason
 
 
-def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The dense (N, K) weight in `dtype`; equal to reference.dequantize(packed, dtype) bit for bit."""
+def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense (N, K) weight in `dtype`; equal to reference.dequantize(packed, dtype) bit for bit. `out`: a
+    contiguous (N, K) CPU tensor of that dtype to write into (a reused buffer spares a fresh allocation's page
+    faults, which cost more than the decoding itself on a big weight)."""
     desc = descriptor(packed)
-    out_dtype = dtype if dtype in _OUT_DTYPES else torch.float32
     n, k = desc.shape
-    out = torch.empty(n, k, dtype=out_dtype)
-    _dequantize_rows(desc, 0, n, out)
-    return out if out_dtype == dtype else out.to(dtype)
+    if out is not None:
+        if (tuple(out.shape) != (n, k) or out.dtype != dtype or dtype not in _OUT_DTYPES or not out.is_contiguous()
+                or out.device.type != "cpu"):
+            raise ValueError(f"out: expected a contiguous ({n}, {k}) {dtype} CPU tensor, got {tuple(out.shape)} "
+                             f"{out.dtype} on {out.device}")
+        _dequantize_rows(desc, 0, n, out)
+        return out
+    out_dtype = dtype if dtype in _OUT_DTYPES else torch.float32
+    result = torch.empty(n, k, dtype=out_dtype)
+    _dequantize_rows(desc, 0, n, result)
+    return result if out_dtype == dtype else result.to(dtype)
 
 
 def _dequantize_rows(desc: Descriptor, n0: int, n1: int, out: torch.Tensor) -> None:

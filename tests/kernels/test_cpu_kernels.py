@@ -57,6 +57,8 @@ def test_dequantize_is_bit_exact(name, packed_weights):
                            ref.view(torch.int16 if dtype != torch.float32 else torch.int32)), \
             f"{dtype}: {int((got != ref).sum())} values differ"
     assert torch.equal(api.dequantize(packed, torch.float32, impl="cpu"), R.dequantize(packed, torch.float32))
+    out = torch.full(packed.shape, float("nan"), dtype=torch.bfloat16)
+    assert cpu.dequantize(packed, torch.bfloat16, out=out) is out and torch.equal(out, R.dequantize(packed, torch.bfloat16))
 
 
 def _check(packed, x, bias, path):
@@ -135,6 +137,8 @@ def test_bad_arguments_say_what_is_wrong(packed_weights):
         cpu.linear(torch.zeros(1, k + 1), packed)
     with pytest.raises(ValueError, match="path: 'fast'; accepted"):
         cpu.linear(torch.zeros(1, k), packed, path="fast")
+    with pytest.raises(ValueError, match=r"out: expected a contiguous \(17, 80\) torch.bfloat16 CPU tensor"):
+        cpu.dequantize(packed, torch.bfloat16, out=torch.empty(17, 80))
     with pytest.raises(FormatError, match="not a packed format"):
         cpu.dequantize(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="impl: 'cuda'; accepted: 'reference', 'triton', 'cpu'"):
