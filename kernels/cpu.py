@@ -294,15 +294,19 @@ def _slab_matmul(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) 
     return y if dtype == x2.dtype else y.to(x2.dtype)
 
 
+def _quantizer_input(weight: torch.Tensor, what: str) -> torch.Tensor:
+    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in _OUT_DTYPES:
+        raise ValueError(f"{what}: expected a 2-D float32/bfloat16/float16 CPU tensor, got "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    return weight.contiguous()
+
+
 def quantize_int8_absmax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and a scale per row by absmax, in one pass with no temporaries, as optimum-quanto computes them
     (AbsmaxOptimizer on axis 0, then quantize_symmetric): scale = dtype(max|w| / 127),
     q = clamp(round(dtype(w / scale)), -128, 127), `dtype` the weight's (float32, bfloat16 or float16).
     Returns (q (N, K) int8, scale (N, 1) in the weight's dtype)."""
-    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in _OUT_DTYPES:
-        raise ValueError(f"quantize_int8_absmax: expected a 2-D float32/bfloat16/float16 CPU tensor, got "
-                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
-    w = weight.contiguous()
+    w = _quantizer_input(weight, "quantize_int8_absmax")
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, 1, dtype=w.dtype)
@@ -317,10 +321,7 @@ def quantize_int8_symmetric(weight: torch.Tensor, eps: float) -> tuple[torch.Ten
     """int8 codes and a float32 scale per row, symmetric from each row's range, as torchao computes them
     (choose_qparams_affine SYMMETRIC with int8 bounds, then quantize_affine): s = max(dtype(max(-min, max) / 127.5),
     eps), q = clamp(round(w * (1 / s)), -128, 127). Returns (q (N, K) int8, scale (N, 1) float32)."""
-    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in _OUT_DTYPES:
-        raise ValueError(f"quantize_int8_symmetric: expected a 2-D float32/bfloat16/float16 CPU tensor, got "
-                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
-    w = weight.contiguous()
+    w = _quantizer_input(weight, "quantize_int8_symmetric")
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, 1, dtype=torch.float32)

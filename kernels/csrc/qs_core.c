@@ -5,6 +5,7 @@
  * AVX-512 paths compute exactly what the scalar paths compute, sixteen lanes at a time.
  */
 #include "qs_cpu.h"
+#include "qs_scalar.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -20,68 +21,6 @@
 #include <immintrin.h>
 #define QS_AVX2 1
 #endif
-
-/* ---- scalar conversions ------------------------------------------------------------------------------------ */
-
-static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    if (exp == 0x1F) return f32_of_bits(sign | 0x7F800000u | (man << 13));
-    if (exp == 0) {
-        float v = (float)man * (1.0f / 16777216.0f); /* man * 2^-24, exact */
-        return sign ? -v : v;
-    }
-    return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
-}
-
-static inline uint16_t float_to_bf16_bits(float f) {
-    uint32_t u = bits_of_f32(f);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return f32_of_bits((uint32_t)float_to_bf16_bits(f) << 16); }
-
-static inline uint16_t float_to_half_bits(float f) {
-#if defined(__F16C__)
-    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-#else
-    /* round to nearest even, subnormals and overflow included */
-    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000;
-    uint32_t a = u & 0x7FFFFFFFu;
-    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00);
-    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00);
-    if (a < 0x38800000u) { /* subnormal half */
-        float v = f32_of_bits(a) * 16777216.0f; /* in units of 2^-24 */
-        return (uint16_t)(sign | (uint32_t)nearbyintf(v));
-    }
-    uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
-    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
-#endif
-}
-
-static inline float round_f16(float f) { return half_to_float(float_to_half_bits(f)); }
-
-static inline float round_to(float f, int32_t dtype) {
-    return dtype == QS_BF16 ? round_bf16(f) : dtype == QS_F16 ? round_f16(f) : f;
-}
-
-/* element i of an auxiliary tensor of any supported dtype, as float */
-static inline float load_f(const void *p, int32_t dtype, int64_t i) {
-    switch (dtype) {
-    case QS_F32: return ((const float *)p)[i];
-    case QS_BF16: return f32_of_bits((uint32_t)((const uint16_t *)p)[i] << 16);
-    case QS_F16: return half_to_float(((const uint16_t *)p)[i]);
-    case QS_I8: return (float)((const int8_t *)p)[i];
-    case QS_U8: return (float)((const uint8_t *)p)[i];
-    case QS_I16: return (float)((const int16_t *)p)[i];
-    case QS_I32: return (float)((const int32_t *)p)[i];
-    default: return NAN;
-    }
-}
 
 /* float8: e4m3fn through a half (its magnitude bits shifted into a half, times 2^8: exact, subnormals too);
  * e5m2 is the top byte of a half */
@@ -104,6 +43,23 @@ static inline __m512i nibbles16(const uint8_t *p, int hi_first) {
     __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
     __m128i seq = hi_first ? _mm_unpacklo_epi8(hi, lo) : _mm_unpacklo_epi8(lo, hi);
     return _mm512_cvtepu8_epi32(seq);
+}
+
+/* 16 bytes -> 32 nibble indices (int32) as two vectors, high nibble first when hi_first, else low first */
+static inline void nibbles32(const uint8_t *p, int hi_first, __m512i *first, __m512i *second) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+    *first = _mm512_cvtepu8_epi32(hi_first ? _mm_unpacklo_epi8(hi, lo) : _mm_unpacklo_epi8(lo, hi));
+    *second = _mm512_cvtepu8_epi32(hi_first ? _mm_unpackhi_epi8(hi, lo) : _mm_unpackhi_epi8(lo, hi));
+}
+
+/* a0 += lut[codes 0..15] * x[0..15], a1 += lut[codes 16..31] * x[16..31] for the 32 codes of 16 bytes at p */
+static inline void lut_dot32(const uint8_t *p, int hi_first, __m512 lut, const float *x, __m512 *a0, __m512 *a1) {
+    __m512i i0, i1;
+    nibbles32(p, hi_first, &i0, &i1);
+    *a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, lut), _mm512_loadu_ps(x), *a0);
+    *a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, lut), _mm512_loadu_ps(x + 16), *a1);
 }
 
 static inline __m512 round_bf16_v(__m512 v) {
@@ -158,19 +114,15 @@ static void decode_bnb4(const qs_weight *w, int64_t n, float *out) {
 #ifdef QS_AVX512
     if ((f0 % bs) == 0 && (k % bs) == 0 && (bs % 32) == 0) { /* blocks start and end inside the row */
         const __m512 lut = _mm512_loadu_ps(w->lut);
-        const __m128i low4 = _mm_set1_epi8(0x0F);
         const uint8_t *q = w->data + f0 / 2;
         const int64_t block0 = f0 / bs;
         for (int64_t b = 0; b < k / bs; b++) {
             const __m512 a = _mm512_set1_ps(bnb_absmax(w, block0 + b));
             for (int64_t j = 0; j < bs; j += 32, i += 32) {
-                /* 16 bytes, 32 codes: element 2t is byte t's high nibble, 2t + 1 its low nibble */
-                __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
-                __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
-                __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
-                _mm512_storeu_ps(out + i, _mm512_mul_ps(c0, a));
-                _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(c1, a));
+                __m512i i0, i1; /* element 2t is byte t's high nibble, 2t + 1 its low nibble */
+                nibbles32(q + i / 2, 1, &i0, &i1);
+                _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(i0, lut), a));
+                _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_permutexvar_ps(i1, lut), a));
             }
         }
     }
@@ -411,7 +363,6 @@ static int dot_bnb4(const qs_weight *w, int64_t n, const float *x, float *out) {
     const int64_t k = w->k, bs = w->group, f0 = n * k;
     if ((f0 % bs) || (k % bs) || (bs % 32)) return -1;
     const __m512 lut = _mm512_loadu_ps(w->lut);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     const uint8_t *q = w->data + f0 / 2;
     const int64_t block0 = f0 / bs;
     __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
@@ -419,12 +370,7 @@ static int dot_bnb4(const qs_weight *w, int64_t n, const float *x, float *out) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int64_t j = 0; j < bs; j += 32, i += 32) {
             if ((i & 127) == 0) QS_PF(q + i / 2);
-            __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
-            __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
-            __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
-            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + i + 16), a1);
+            lut_dot32(q + i / 2, 1, lut, x + i, &a0, &a1);
         }
         const __m512 am = _mm512_set1_ps(bnb_absmax(w, block0 + b));
         if (b & 1) total1 = _mm512_fmadd_ps(am, _mm512_add_ps(a0, a1), total1);
@@ -484,7 +430,6 @@ static int dot_int4_grouped(const qs_weight *w, int64_t n, const float *x, const
     if (g % 32) return -1;
     const uint8_t *q = w->data + n * w->data_stride;
     const __m512 lut = _mm512_loadu_ps(INT4_SIGNED);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     __m512 total = _mm512_setzero_ps();
     float offset = 0.0f;
     for (int64_t j = 0; j < groups; j++) {
@@ -492,12 +437,7 @@ static int dot_int4_grouped(const qs_weight *w, int64_t n, const float *x, const
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int64_t i = j * g; i < (j + 1) * g; i += 32) {
             if ((i & 127) == 0) QS_PF(q + i / 2);
-            __m128i v = _mm_loadu_si128((const __m128i *)(q + i / 2));
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
-            __m512 c0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
-            __m512 c1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut);
-            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + i + 16), a1);
+            lut_dot32(q + i / 2, 0, lut, x + i, &a0, &a1);
         }
         total = _mm512_fmadd_ps(_mm512_set1_ps(load_f(w->scale, w->scale_dtype, at)), _mm512_add_ps(a0, a1), total);
         offset += load_f(w->zero, w->zero_dtype, at) * gsum[j];
@@ -626,7 +566,9 @@ static inline __attribute__((always_inline)) void tile(const float *wbuf, int64_
 static int gemv1(const qs_weight *w, const float *x, float *y, const float *bias) {
     const int64_t k = w->k, nout = w->n, sum_group = dot_sum_group(w);
     float *gsum = NULL;
-#ifdef QS_AVX512
+#ifndef QS_AVX512
+    (void)sum_group;
+#else
     if (sum_group > 0) {
         if (!(gsum = (float *)malloc((size_t)(k / sum_group) * sizeof(float)))) return -1;
         group_sums(x, k, sum_group, gsum);

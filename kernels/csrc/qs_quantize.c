@@ -2,56 +2,26 @@
  * passes with full-size temporaries. Each reproduces a library's arithmetic exactly (the same float32 operations,
  * the same roundings to the weight's dtype), one row at a time, with no temporaries. */
 #include "qs_cpu.h"
+#include "qs_scalar.h"
 
-#include <math.h>
 #include <stdlib.h>
-#include <string.h>
-
-static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-static inline uint16_t bf16_bits(float f) {
-    uint32_t u = bits_of_f32(f);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    if (exp == 0x1F) return f32_of_bits(sign | 0x7F800000u | (man << 13));
-    if (exp == 0) {
-        float v = (float)man * (1.0f / 16777216.0f);
-        return sign ? -v : v;
-    }
-    return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
-}
-
-static inline uint16_t half_bits(float f) {
-    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
-    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00);
-    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00);
-    if (a < 0x38800000u) return (uint16_t)(sign | (uint32_t)nearbyintf(f32_of_bits(a) * 16777216.0f));
-    uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
-    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
-}
-
-static inline float load(const void *p, int32_t dt, int64_t i) {
-    if (dt == QS_BF16) return f32_of_bits((uint32_t)((const uint16_t *)p)[i] << 16);
-    if (dt == QS_F16) return half_to_float(((const uint16_t *)p)[i]);
-    return ((const float *)p)[i];
-}
-
-static inline float round_dt(float f, int32_t dt) {
-    if (dt == QS_BF16) return f32_of_bits((uint32_t)bf16_bits(f) << 16);
-    if (dt == QS_F16) return half_to_float(half_bits(f));
-    return f;
-}
 
 static inline void store(void *p, int32_t dt, int64_t i, float v) {
-    if (dt == QS_BF16) ((uint16_t *)p)[i] = bf16_bits(v);
-    else if (dt == QS_F16) ((uint16_t *)p)[i] = half_bits(v);
+    if (dt == QS_BF16) ((uint16_t *)p)[i] = float_to_bf16_bits(v);
+    else if (dt == QS_F16) ((uint16_t *)p)[i] = float_to_half_bits(v);
     else ((float *)p)[i] = v;
+}
+
+/* row r of a (n, k) weight of `dtype` as float32 into `row` */
+static void load_row(const void *w, int32_t dtype, int64_t base, int64_t k, float *row) {
+    if (dtype == QS_BF16) {
+        const uint16_t *src = (const uint16_t *)w + base;
+        for (int64_t i = 0; i < k; i++) row[i] = f32_of_bits((uint32_t)src[i] << 16);
+    } else if (dtype == QS_F16) {
+        for (int64_t i = 0; i < k; i++) row[i] = half_to_float(((const uint16_t *)w)[base + i]);
+    } else {
+        memcpy(row, (const float *)w + base, (size_t)k * sizeof(float));
+    }
 }
 
 /* bf16 rounding without the NaN branch: a quiet NaN stays a NaN (0/0 gives the default quiet NaN) */
@@ -74,14 +44,7 @@ int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, 
         for (int64_t r = 0; r < n; r++) {
             if (failed) continue;
             const int64_t base = r * k;
-            if (dtype == QS_BF16) {
-                const uint16_t *src = (const uint16_t *)w + base;
-                for (int64_t i = 0; i < k; i++) row[i] = f32_of_bits((uint32_t)src[i] << 16);
-            } else if (dtype == QS_F16) {
-                for (int64_t i = 0; i < k; i++) row[i] = half_to_float(((const uint16_t *)w)[base + i]);
-            } else {
-                memcpy(row, (const float *)w + base, (size_t)k * sizeof(float));
-            }
+            load_row(w, dtype, base, k, row);
             float amax = 0.0f;
             int nan = 0;
             for (int64_t i = 0; i < k; i++) {
@@ -90,13 +53,13 @@ int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, 
                 amax = a > amax ? a : amax;
             }
             if (nan) amax = NAN; /* torch.amax propagates NaN */
-            const float s = round_dt(amax / 127.0f, dtype);
+            const float s = round_to(amax / 127.0f, dtype);
             store(scale, dtype, r, s);
             int8_t *out = q + base;
             if (dtype == QS_BF16) {
                 for (int64_t i = 0; i < k; i++) row[i] = rintf(round_bf16_fast(row[i] / s));
             } else {
-                for (int64_t i = 0; i < k; i++) row[i] = rintf(round_dt(row[i] / s, dtype));
+                for (int64_t i = 0; i < k; i++) row[i] = rintf(round_to(row[i] / s, dtype));
             }
             for (int64_t i = 0; i < k; i++) {
                 float v = row[i] != row[i] ? 0.0f : row[i];
@@ -116,7 +79,7 @@ int qs_quantize_int8_absmax(const void *w, int32_t dtype, int64_t n, int64_t k, 
 int qs_quantize_int8_symmetric(const void *w, int32_t dtype, int64_t n, int64_t k, float eps, int8_t *q,
                                float *scale) {
     if (dtype != QS_F32 && dtype != QS_BF16 && dtype != QS_F16) return -1;
-    const float eps_dt = round_dt(eps, dtype);
+    const float eps_dt = round_to(eps, dtype);
     int failed = 0;
 #pragma omp parallel reduction(| : failed) if (n * k >= (1 << 17))
     {
@@ -126,14 +89,7 @@ int qs_quantize_int8_symmetric(const void *w, int32_t dtype, int64_t n, int64_t 
         for (int64_t r = 0; r < n; r++) {
             if (failed) continue;
             const int64_t base = r * k;
-            if (dtype == QS_BF16) {
-                const uint16_t *src = (const uint16_t *)w + base;
-                for (int64_t i = 0; i < k; i++) row[i] = f32_of_bits((uint32_t)src[i] << 16);
-            } else if (dtype == QS_F16) {
-                for (int64_t i = 0; i < k; i++) row[i] = half_to_float(((const uint16_t *)w)[base + i]);
-            } else {
-                memcpy(row, (const float *)w + base, (size_t)k * sizeof(float));
-            }
+            load_row(w, dtype, base, k, row);
             float mn = row[0], mx = row[0];
             int nan = 0;
             for (int64_t i = 0; i < k; i++) {
@@ -144,7 +100,7 @@ int qs_quantize_int8_symmetric(const void *w, int32_t dtype, int64_t n, int64_t 
             float m = -(mn < 0.0f ? mn : 0.0f);
             float p = mx > 0.0f ? mx : 0.0f;
             m = p > m ? p : m;
-            float s = round_dt(m / 127.5f, dtype);
+            float s = round_to(m / 127.5f, dtype);
             s = s < eps_dt ? eps_dt : s;
             if (nan) s = NAN; /* amin/amax propagate NaN, clamp keeps it */
             scale[r] = s;

@@ -93,3 +93,9 @@ CASES = {
     **{f"gguf_{q}": (lambda q=q: gguf_blocks(17, 2 * BLOCK_SIZES[q][0] if BLOCK_SIZES[q][0] > 1 else 40, q))
        for q in BLOCK_SIZES},
 }
+
+
+def build(name: str):
+    """The packed weight of case `name` (bitsandbytes' torch fallback runs eagerly, not through dynamo)."""
+    with torch._dynamo.config.patch(disable=True):
+        return CASES[name]()

@@ -22,7 +22,7 @@ from quantserve.kernels import api, cpu, cpu_build
 from quantserve.kernels import reference as R
 from quantserve.kernels.formats import FormatError
 
-from .packed_cases import CASES, _gen
+from .packed_cases import CASES, _gen, build
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -33,8 +33,7 @@ def packed_weights():
 
     def get(name):
         if name not in built:
-            with torch._dynamo.config.patch(disable=True):  # bitsandbytes' torch fallback, eagerly
-                built[name] = CASES[name]()
+            built[name] = build(name)
         return built[name]
 
     return get

@@ -27,7 +27,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
 
-from .packed_cases import CASES, _gen
+from .packed_cases import CASES, _gen, build
 
 FUSED = ["nf4", "nf4_double_quant", "nf4_odd_k", "fp4_block128", "int8_rows_bnb", "int8_rows_torchao",
          "float8_e4m3_rows", "float8_e5m2_tensor", "int4_torchao", "quanto_int4", "quanto_int2", "nvfp4",
@@ -40,8 +40,7 @@ def packed_weights():
 
     def get(name):
         if name not in built:
-            with torch._dynamo.config.patch(disable=True):  # bitsandbytes' torch fallback, eagerly
-                built[name] = _to_device(CASES[name]())
+            built[name] = _to_device(build(name))
         return built[name]
 
     return get
