@@ -25,6 +25,7 @@ from .formats import (
     Float8,
     FormatError,
     GGUFBlocks,
+    Int4Blocks,
     Int4Grouped,
     Int8Rows,
     PackedWeight,
@@ -110,6 +111,13 @@ def pack_nvfp4(qdata: torch.Tensor, block_scale: torch.Tensor, global_scale: tor
     return NVFP4(qdata, block_scale.reshape(n, -1), global_scale.reshape(1), int(block_size))
 
 
+def pack_int4_blocks(qdata: torch.Tensor, scale: torch.Tensor, block_size: int = 128) -> Int4Blocks:
+    """ModelOpt's INT4: uint8 (N, K/2) codes offset by 8 (even column in the high nibble), a float32 divisor per
+    block of `block_size` columns; w = (q - 8) / scale."""
+    n = qdata.shape[0]
+    return Int4Blocks(qdata.reshape(n, -1), scale.reshape(-1), int(block_size))
+
+
 # --- running --------------------------------------------------------------------------------------------------
 
 def _check_impl(impl: str, packed: Any) -> None:
@@ -186,4 +194,4 @@ def _device_problem(device: torch.device | str) -> str | None:
 
 
 __all__ = ["IMPLS", "dequantize", "device_of", "linear", "pack_bnb_4bit", "pack_fp8", "pack_gguf",
-           "pack_int4_grouped", "pack_int8_rows", "pack_nvfp4", "pack_quanto_grouped", "triton_problem"]
+           "pack_int4_blocks", "pack_int4_grouped", "pack_int8_rows", "pack_nvfp4", "pack_quanto_grouped", "triton_problem"]

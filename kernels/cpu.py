@@ -21,12 +21,23 @@ import torch
 
 from . import cpu_build
 from .cpu_build import CpuKernelsUnavailable
-from .formats import NVFP4, BnB4bit, Float8, FormatError, GGUFBlocks, Int4Grouped, Int8Rows, PackedWeight, QuantoGrouped
+from .formats import (
+    NVFP4,
+    BnB4bit,
+    Float8,
+    FormatError,
+    GGUFBlocks,
+    Int4Blocks,
+    Int4Grouped,
+    Int8Rows,
+    PackedWeight,
+    QuantoGrouped,
+)
 
 GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
 SLAB_BYTES = 4 << 20     # bytes of one dequantized slab (L2 to L3 sized: fewer slabs, each still cache-hot)
 
-FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF = range(1, 8)
+FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF, FMT_INT4_BLOCKS = range(1, 9)
 F32, BF16, F16, I8, U8, I16, I32 = range(7)
 _DTYPES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8, torch.uint8: U8,
            torch.int16: I16, torch.int32: I32, None: F32}
@@ -163,6 +174,14 @@ def _nvfp4(p: NVFP4) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
                  scale_dtype=U8, scale_stride_n=scales.stride(0), group=p.block_size,
                  global_scale=float(p.global_scale.reshape(()).item()))
     return s, (p.qdata, scales)
+
+
+@_builder(Int4Blocks)
+def _int4_blocks(p: Int4Blocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
+    n, k = p.shape
+    s = QsWeight(fmt=FMT_INT4_BLOCKS, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0),
+                 scale=_ptr(p.scale), scale_dtype=F32, group=p.block_size)
+    return s, (p.qdata, p.scale)
 
 
 @_builder(GGUFBlocks)

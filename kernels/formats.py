@@ -18,6 +18,7 @@ to it before casting to the requested dtype, so reference and backend agree bit 
 | Int4Grouped      | int4_grouped                                 | torchao Int4Tensor (kernels/int4.py)         |
 | QuantoGrouped    | quanto:int4_grouped, quanto:int2_grouped     | optimum-quanto WeightQBitsTensor             |
 | NVFP4            | modelopt:nvfp4                               | NVIDIA NVFP4 (e2m1 + e4m3 per 16 + fp32)     |
+| Int4Blocks       | modelopt:int4_block*                         | w = (q - 8) / scale per block (ModelOpt INT4)|
 | GGUFBlocks       | gguf:Q4_0 ... gguf:Q6_K, IQ4_NL, IQ4_XS, BF16| raw ggml blocks (kernels/gguf.py)            |
 """
 
@@ -338,6 +339,39 @@ class NVFP4:
         return "nvfp4"
 
 
+# --- int4 blocks (ModelOpt INT4) -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int4Blocks:
+    """int4 codes offset by 8 (0..15 for -8..7), two per byte (N, K/2) with the even column in the high nibble, and
+    one float32 divisor per block of `block_size` consecutive columns of a row (N * K / block_size, row-major):
+    w = float32(q - 8) / scale, as NVIDIA ModelOpt's INT4QTensor dequantizes."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        _check_tensor(c, "qdata", self.qdata, (torch.uint8,))
+        _check_dense_rows(c, "qdata", self.qdata)
+        n, half_k = self.qdata.shape
+        k = 2 * half_k
+        if self.block_size <= 0 or k % self.block_size:
+            raise _fail(c, "block_size", f"{self.block_size} does not divide in_features {k}")
+        _check_tensor(c, "scale", self.scale, (torch.float32,), numel=n * k // self.block_size)
+        _check_flat(c, "scale", self.scale)
+        _check_same_device(c, qdata=self.qdata, scale=self.scale)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qdata.shape[0], 2 * self.qdata.shape[1]
+
+    @property
+    def fmt(self) -> str:
+        return "int4_blocks"
+
+
 # --- GGUF -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -371,8 +405,9 @@ class GGUFBlocks:
         return f"gguf:{self.qtype}"
 
 
-PackedWeight = Union[BnB4bit, Int8Rows, Float8, Int4Grouped, QuantoGrouped, NVFP4, GGUFBlocks]
-FORMAT_CLASSES: tuple[type, ...] = (BnB4bit, Int8Rows, Float8, Int4Grouped, QuantoGrouped, NVFP4, GGUFBlocks)
+PackedWeight = Union[BnB4bit, Int8Rows, Float8, Int4Grouped, QuantoGrouped, NVFP4, Int4Blocks, GGUFBlocks]
+FORMAT_CLASSES: tuple[type, ...] = (BnB4bit, Int8Rows, Float8, Int4Grouped, QuantoGrouped, NVFP4, Int4Blocks,
+                                    GGUFBlocks)
 
 
 def is_packed(obj: Any) -> bool:
@@ -402,7 +437,8 @@ def device_of(packed: PackedWeight) -> torch.device:
 
 
 __all__ = [
-    "BNB_BLOCKSIZES", "BnB4bit", "E2M1_VALUES", "Float8", "FormatError", "GGUFBlocks", "Int4Grouped", "Int8Rows",
+    "BNB_BLOCKSIZES", "BnB4bit", "E2M1_VALUES", "Float8", "FormatError", "GGUFBlocks", "Int4Blocks", "Int4Grouped",
+    "Int8Rows",
     "NVFP4", "PackedWeight", "QuantoGrouped", "device_of", "format_name", "is_packed", "nbytes", "tensors_of",
     "weight_shape",
 ]

@@ -20,6 +20,7 @@ from .formats import (
     Float8,
     FormatError,
     GGUFBlocks,
+    Int4Blocks,
     Int4Grouped,
     Int8Rows,
     PackedWeight,
@@ -106,6 +107,16 @@ def _nvfp4(p: NVFP4) -> torch.Tensor:
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)[codes]
     per_block = p.block_scale.float() * p.global_scale.reshape(()).float()
     return (values.view(n, -1, p.block_size) * per_block.unsqueeze(-1)).reshape(n, k)
+
+
+@_reference(Int4Blocks)
+def _int4_blocks(p: Int4Blocks) -> torch.Tensor:
+    """ModelOpt's INT4QTensor.dequantize: (code - 8) / scale per block, in float32."""
+    n, k = p.shape
+    codes = torch.empty(n, k, dtype=torch.long, device=p.qdata.device)
+    codes[:, 0::2] = (p.qdata >> 4).long()
+    codes[:, 1::2] = (p.qdata & 0x0F).long()
+    return ((codes - 8).view(-1, p.block_size) / p.scale.reshape(-1, 1)).reshape(n, k)
 
 
 @_reference(GGUFBlocks)

@@ -26,7 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import NVFP4, BnB4bit, Float8, FormatError, GGUFBlocks, Int4Grouped, Int8Rows, PackedWeight, QuantoGrouped
+from .formats import (
+    NVFP4,
+    BnB4bit,
+    Float8,
+    FormatError,
+    GGUFBlocks,
+    Int4Blocks,
+    Int4Grouped,
+    Int8Rows,
+    PackedWeight,
+    QuantoGrouped,
+)
 from .gguf import BLOCK_SIZES as GGUF_BLOCK_SIZES
 from .gguf import IQ4_LEVELS
 
@@ -191,6 +202,19 @@ def tile_nvfp4(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, mask, N, K, C0: tl.conste
     code = tl.where((rk & 1) == 0, byte & 15, byte >> 4)
     block_scale = tl.load(p1 + rn * i1 + rk // C0, mask=mask).to(tl.float32)
     return _e2m1(code) * (block_scale * tl.load(p2))
+
+
+# --- int4 blocks (ModelOpt INT4) -------------------------------------------------------------------------------
+
+@triton.jit
+def tile_int4_blocks(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, mask, N, K, C0: tl.constexpr, C1: tl.constexpr,
+                     C2: tl.constexpr):
+    """p0 uint8 (N, K/2) codes offset by 8, even column in the high nibble; p1 float32 divisor per block of C0
+    columns (row-major over the flat weight); i0 row stride of p0."""
+    byte = _u8(p0 + rn * i0 + (rk >> 1), mask)
+    code = tl.where((rk & 1) == 0, byte >> 4, byte & 15)
+    scale = tl.load(p1 + (rn * K + rk) // C0, mask=mask, other=1.0)
+    return (code - 8).to(tl.float32) / scale
 
 
 # --- GGUF: one decoder per ggml type, on (byte offset of the block, index inside the block) ---------------------
@@ -471,6 +495,12 @@ def _quanto_args(p: QuantoGrouped) -> TileArgs:
 def _nvfp4_args(p: NVFP4) -> TileArgs:
     return TileArgs(tile_nvfp4, _ptrs(p.qdata, p.block_scale, p.global_scale),
                     (p.qdata.stride(0), p.block_scale.stride(0), 0), (p.block_size, 0, 0), 0, p.shape)
+
+
+@_spec(Int4Blocks)
+def _int4_blocks_args(p: Int4Blocks) -> TileArgs:
+    return TileArgs(tile_int4_blocks, _ptrs(p.qdata, p.scale), (p.qdata.stride(0), 0, 0), (p.block_size, 0, 0), 0,
+                    p.shape)
 
 
 @_spec(GGUFBlocks)

@@ -28,6 +28,7 @@ from ..kernels.formats import (
     Float8,
     FormatError,
     GGUFBlocks,
+    Int4Blocks,
     Int8Rows,
     PackedWeight,
     QuantoGrouped,
@@ -152,6 +153,11 @@ def _modelopt_nvfp4(w: QuantizedWeight) -> NVFP4:
     return NVFP4(w.weight.reshape(n, -1), w.scale.reshape(n, -1), w.double_scale.reshape(1).float(), 16)
 
 
+def _modelopt_int4_blocks(w: QuantizedWeight) -> Int4Blocks:
+    block = int(w.fmt.removeprefix("modelopt:int4_block"))
+    return Int4Blocks(w.weight.reshape(w.out_features, -1), w.scale.reshape(-1), block)
+
+
 @adapter("modelopt:fp8", "modelopt:fp8_axis0")
 def _modelopt_fp8(w: QuantizedWeight) -> Float8:
     return Float8(w.weight.reshape(w.out_features, w.in_features), w.scale.reshape(-1))
@@ -171,6 +177,8 @@ def _gguf(w: QuantizedWeight) -> GGUFBlocks:
 def _find_adapter(fmt: str) -> Adapter | None:
     if fmt.startswith("gguf:"):
         return _gguf
+    if fmt.startswith("modelopt:int4_block") and fmt.removeprefix("modelopt:int4_block").isdigit():
+        return _modelopt_int4_blocks  # ModelOpt INT4, blocks along the input features
     return _ADAPTERS.get(fmt)
 
 

@@ -248,6 +248,34 @@ static void decode_nvfp4(const qs_weight *w, int64_t n, float *out) {
     }
 }
 
+/* ModelOpt INT4: (code - 8) / scale, the scale one float32 per block of `group` columns over the flat weight */
+static const float INT4_OFFSET8[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+static void decode_int4_blocks(const qs_weight *w, int64_t n, float *out) {
+    const uint8_t *q = w->data + n * w->data_stride;
+    const float *scale = (const float *)w->scale + n * w->k / w->group;
+    const int64_t b = w->group, blocks = w->k / b;
+    for (int64_t j = 0; j < blocks; j++) {
+        const float s = scale[j];
+        int64_t i = j * b;
+        const int64_t end = i + b;
+#ifdef QS_AVX512
+        const __m512 lut = _mm512_loadu_ps(INT4_OFFSET8), sv = _mm512_set1_ps(s);
+        if ((i % 2) == 0)
+            for (; i + 32 <= end; i += 32) {
+                __m512i i0, i1;
+                nibbles32(q + i / 2, 1, &i0, &i1);
+                _mm512_storeu_ps(out + i, _mm512_div_ps(_mm512_permutexvar_ps(i0, lut), sv));
+                _mm512_storeu_ps(out + i + 16, _mm512_div_ps(_mm512_permutexvar_ps(i1, lut), sv));
+            }
+#endif
+        for (; i < end; i++) {
+            uint8_t byte = q[i >> 1];
+            out[i] = (float)(((i & 1) ? (byte & 0xF) : (byte >> 4)) - 8) / s;
+        }
+    }
+}
+
 static int decode_gguf(const qs_weight *w, int64_t n, float *out) {
     return qs_gguf_decode_row(w->kind, w->data + n * w->data_stride, w->k, out);
 }
@@ -262,6 +290,7 @@ static int decode_row(const qs_weight *w, int64_t n, float *out, int32_t round_d
     case QS_FMT_INT4_GROUPED: decode_int4_grouped(w, n, out); break;
     case QS_FMT_QUANTO: decode_quanto(w, n, out); return 0; /* rounds as it computes */
     case QS_FMT_NVFP4: decode_nvfp4(w, n, out); break;
+    case QS_FMT_INT4_BLOCKS: decode_int4_blocks(w, n, out); break;
     case QS_FMT_GGUF: if (decode_gguf(w, n, out) != 0) return -1; break;
     default: return -1;
     }
@@ -273,7 +302,7 @@ int qs_supported(int32_t fmt, int32_t kind) {
     if (fmt == QS_FMT_GGUF) return qs_gguf_supported(kind);
     if (fmt == QS_FMT_QUANTO) return (kind == 2 || kind == 4) ? 0 : -1;
     if (fmt == QS_FMT_FLOAT8) return (kind == 0 || kind == 1) ? 0 : -1;
-    return (fmt >= QS_FMT_BNB4 && fmt <= QS_FMT_NVFP4) ? 0 : -1;
+    return ((fmt >= QS_FMT_BNB4 && fmt <= QS_FMT_NVFP4) || fmt == QS_FMT_INT4_BLOCKS) ? 0 : -1;
 }
 
 /* ---- drivers ------------------------------------------------------------------------------------------------- */
@@ -503,6 +532,25 @@ static int dot_nvfp4(const qs_weight *w, int64_t n, const float *x, float *out) 
     *out = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
     return 0;
 }
+
+static int dot_int4_blocks(const qs_weight *w, int64_t n, const float *x, float *out) {
+    const int64_t b = w->group, blocks = w->k / b;
+    if (b % 32) return -1;
+    const uint8_t *q = w->data + n * w->data_stride;
+    const float *scale = (const float *)w->scale + n * w->k / b;
+    const __m512 lut = _mm512_loadu_ps(INT4_OFFSET8);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks; j++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t i = j * b; i < (j + 1) * b; i += 32) {
+            if ((i & 127) == 0) QS_PF(q + i / 2);
+            lut_dot32(q + i / 2, 1, lut, x + i, &a0, &a1);
+        }
+        total = _mm512_add_ps(total, _mm512_div_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale[j])));
+    }
+    *out = _mm512_reduce_add_ps(total);
+    return 0;
+}
 #endif
 
 /* which group size the fused dot of this format needs x's group sums for (0: none) */
@@ -523,6 +571,7 @@ static int dot_row(const qs_weight *w, int64_t n, const float *x, const float *g
     case QS_FMT_INT4_GROUPED: return dot_int4_grouped(w, n, x, gsum, out);
     case QS_FMT_QUANTO: return dot_quanto(w, n, x, gsum, out);
     case QS_FMT_NVFP4: return dot_nvfp4(w, n, x, out);
+    case QS_FMT_INT4_BLOCKS: return dot_int4_blocks(w, n, x, out);
     case QS_FMT_GGUF: return qs_gguf_dot_row(w->kind, w->data + n * w->data_stride, w->k, x, out);
     default: return -1;
     }

@@ -22,7 +22,8 @@ enum {
     QS_FMT_INT4_GROUPED = 4,/* torchao int4: int8 (N, K/2), low nibble even column; w = q * scale + zero */
     QS_FMT_QUANTO = 5,      /* optimum-quanto int4/int2 packed along the group axis; kind = bits */
     QS_FMT_NVFP4 = 6,       /* e2m1 codes (N, K/2) low nibble even column, e4m3 scale per block, global scale */
-    QS_FMT_GGUF = 7         /* raw ggml blocks (N, row bytes); kind = ggml type id */
+    QS_FMT_GGUF = 7,        /* raw ggml blocks (N, row bytes); kind = ggml type id */
+    QS_FMT_INT4_BLOCKS = 8  /* ModelOpt INT4: codes (N, K/2) offset by 8, high nibble even column; w = (q-8)/scale */
 };
 
 /* element dtypes of auxiliary tensors and of outputs */

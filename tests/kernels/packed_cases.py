@@ -58,6 +58,13 @@ def nvfp4(n, k, seed=0):
     return api.pack_nvfp4(codes, scales, 0.01)
 
 
+def int4_blocks(n, k, block, seed=0):
+    g = _gen(seed)
+    codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scales = torch.rand(n * k // block, generator=g) * 300 + 50  # ModelOpt keeps 7 / amax: large, positive
+    return api.pack_int4_blocks(codes, scales, block)
+
+
 GGUF_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
                     "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
@@ -90,6 +97,7 @@ CASES = {
     "quanto_int4": lambda: quanto(17, 128, 64, 4),
     "quanto_int2": lambda: quanto(17, 40, None, 2),
     "nvfp4": lambda: nvfp4(17, 48),
+    "int4_blocks": lambda: int4_blocks(17, 96, 32),
     **{f"gguf_{q}": (lambda q=q: gguf_blocks(17, 2 * BLOCK_SIZES[q][0] if BLOCK_SIZES[q][0] > 1 else 40, q))
        for q in BLOCK_SIZES},
 }

@@ -26,6 +26,7 @@ from quantserve.kernels.formats import (
     Float8,
     FormatError,
     GGUFBlocks,
+    Int4Blocks,
     Int4Grouped,
     Int8Rows,
     QuantoGrouped,
@@ -182,7 +183,8 @@ def test_quanto_float16_scales_round_in_float16():
     ({"quant_type": "FP8"}, "modelopt:fp8", Float8),
     ({"quant_type": "FP8", "channel_quantize": 0}, "modelopt:fp8_axis0", Float8),
     ({"quant_type": "INT8", "channel_quantize": 0}, "modelopt:int8_axis0", Int8Rows),
-], ids=["nvfp4", "fp8", "fp8_rows", "int8_rows"])
+    ({"quant_type": "INT4", "channel_quantize": -1, "block_quantize": 128}, "modelopt:int4_block128", Int4Blocks),
+], ids=["nvfp4", "fp8", "fp8_rows", "int8_rows", "int4_blocks"])
 def test_modelopt_weights_through_the_adapter(kwargs, fmt, cls):
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(4)) * 0.02
     with warnings.catch_warnings():

@@ -31,6 +31,7 @@ from .packed_cases import CASES, _gen, build
 
 FUSED = ["nf4", "nf4_double_quant", "nf4_odd_k", "fp4_block128", "int8_rows_bnb", "int8_rows_torchao",
          "float8_e4m3_rows", "float8_e5m2_tensor", "int4_torchao", "quanto_int4", "quanto_int2", "nvfp4",
+         "int4_blocks",
          "gguf_Q4_0", "gguf_Q8_0", "gguf_Q4_K", "gguf_Q6_K"]
 
 
