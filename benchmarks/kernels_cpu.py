@@ -33,7 +33,7 @@ from pathlib import Path
 SCHEMES = ("nf4", "fp4", "llm-int8", "int8wo", "float8wo", "int4wo", "quanto-int8", "quanto-float8", "quanto-int4",
            "quanto-int2", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0", "gguf-q2_k", "gguf-q3_k",
            "gguf-q4_k", "gguf-q5_k", "gguf-q6_k", "gguf-iq4_nl", "gguf-iq4_xs", "modelopt-fp8", "modelopt-int8",
-           "modelopt-nvfp4")
+           "modelopt-int4", "modelopt-nvfp4")
 SHAPES = ((3072, 3072), (12288, 3072), (3072, 12288))
 M_VALUES = (1, 16, 256)
 QUICK = dict(schemes=("nf4", "int8wo", "gguf-q4_k"), shapes=((64, 256),), m=(1, 20))
@@ -41,7 +41,8 @@ CANDIDATES = ("cpu_fused", "cpu_dequant", "native", "reference")
 GOALS = {1: 1.0, 256: 1.3}
 LAYER_NAME = "transformer_blocks.0.attn.to_q"  # a name no backend keeps dense by default
 DEQUANT_SCHEMES = ("nf4", "fp4", "int8wo", "int4wo", "quanto-int4", "gguf-q4_0", "gguf-q8_0", "gguf-q4_k",
-                   "gguf-q6_k", "gguf-q5_k", "gguf-q3_k", "gguf-q2_k", "modelopt-nvfp4")
+                   "gguf-q6_k", "gguf-q5_k", "gguf-q3_k", "gguf-q2_k", "modelopt-int4",
+                   "modelopt-nvfp4")
 
 
 @dataclass
