@@ -319,13 +319,9 @@ static void store_row(const float *src, int64_t k, void *dst, int32_t dtype) {
     for (; i + 16 <= k; i += 16) {
         __m512 v = _mm512_loadu_ps(src + i);
         __m256i h;
-        if (dtype == QS_BF16) {
-#ifdef __AVX512BF16__
-            h = (__m256i)_mm512_cvtneps_pbh(v); /* round to nearest even, as float_to_bf16_bits */
-#else
+        if (dtype == QS_BF16) { /* not AVX512-BF16's convert: it flushes subnormals to zero, torch keeps them */
             __m512i u = _mm512_castps_si512(round_bf16_v(v));
             h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-#endif
         } else {
             h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }

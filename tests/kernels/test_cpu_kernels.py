@@ -60,6 +60,20 @@ def test_dequantize_is_bit_exact(name, packed_weights):
     assert cpu.dequantize(packed, torch.bfloat16, out=out) is out and torch.equal(out, R.dequantize(packed, torch.bfloat16))
 
 
+def test_subnormal_weights_stay_subnormal():
+    """Tiny scales make subnormal weights: kept exactly in float32, bf16 and fp16 as torch rounds them (a hardware
+    convert that flushes them to zero would differ)."""
+    g = _gen(13)
+    cases = [api.pack_fp8((torch.randn(4, 64, generator=g) * 8).to(torch.float8_e4m3fn), torch.full((4,), 1e-41)),
+             api.pack_int8_rows(torch.randint(-127, 128, (4, 64), dtype=torch.int8, generator=g),
+                                torch.full((4,), 1e-40), divisor=127.0)]
+    for packed in cases:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ref = R.dequantize(packed, dtype)
+            assert (ref != 0).any() or dtype == torch.float16
+            assert torch.equal(cpu.dequantize(packed, dtype), ref), dtype
+
+
 def _check(packed, x, bias, path):
     n, k = packed.shape
     y = cpu.linear(x, packed, bias, path=path)
