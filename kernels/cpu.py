@@ -162,7 +162,7 @@ def _quanto(p: QuantoGrouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     s = QsWeight(fmt=FMT_QUANTO, kind=p.bits, n=n, k=k, data=_ptr(p.data), data_stride=p.data.stride(0),
                  scale=_ptr(p.scale), scale_dtype=_dtype(p.scale, "QuantoGrouped", "scale"), zero=_ptr(p.shift),
                  zero_dtype=_dtype(p.shift, "QuantoGrouped", "shift"), group=p.group_size,
-                 packed_rows=p.packed_rows)
+                 packed_rows=p.packed_rows, round_dtype=_round(p.scale.dtype))
     return s, (p.data, p.scale, p.shift)
 
 

@@ -189,6 +189,7 @@ static void decode_int4_grouped(const qs_weight *w, int64_t n, float *out) {
     }
 }
 
+/* quanto: round(round(q * scale) - shift) in the scale's dtype; the outer rounding is decode_row's (round_dtype) */
 static void decode_quanto(const qs_weight *w, int64_t n, float *out) {
     const int bits = w->kind, mask = (1 << bits) - 1;
     const int64_t g = w->group, groups = w->k / g, rows = w->packed_rows;
@@ -207,15 +208,10 @@ static void decode_quanto(const qs_weight *w, int64_t n, float *out) {
             __m512i c = _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), shift), m);
             __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(c), sv);
             v = dt == QS_BF16 ? round_bf16_v(v) : dt == QS_F16 ? round_f16_v(v) : v;
-            v = _mm512_sub_ps(v, zv);
-            v = dt == QS_BF16 ? round_bf16_v(v) : dt == QS_F16 ? round_f16_v(v) : v;
-            _mm512_storeu_ps(o + i, v);
+            _mm512_storeu_ps(o + i, _mm512_sub_ps(v, zv));
         }
 #endif
-        for (; i < g; i++) {
-            float v = round_to((float)((q[i] >> shift) & mask) * s, dt);
-            o[i] = round_to(v - z, dt);
-        }
+        for (; i < g; i++) o[i] = round_to((float)((q[i] >> shift) & mask) * s, dt) - z;
     }
 }
 
@@ -288,7 +284,7 @@ static int decode_row(const qs_weight *w, int64_t n, float *out, int32_t round_d
     case QS_FMT_INT8_ROWS: decode_int8_rows(w, n, out); break;
     case QS_FMT_FLOAT8: decode_float8(w, n, out); break;
     case QS_FMT_INT4_GROUPED: decode_int4_grouped(w, n, out); break;
-    case QS_FMT_QUANTO: decode_quanto(w, n, out); return 0; /* rounds as it computes */
+    case QS_FMT_QUANTO: decode_quanto(w, n, out); break; /* rounds q * scale; the difference rounds below */
     case QS_FMT_NVFP4: decode_nvfp4(w, n, out); break;
     case QS_FMT_INT4_BLOCKS: decode_int4_blocks(w, n, out); break;
     case QS_FMT_GGUF: if (decode_gguf(w, n, out) != 0) return -1; break;
