@@ -8,7 +8,7 @@ time into float32 with exactly the torch reference's values, then either
   while it is cache-hot (`linear` for larger M: the dense weight never exists whole).
 
 A packed weight is described to C by a `qs_weight` struct that points into its tensors (no copy); the struct is built
-once per packed object and cached on it.
+once per (frozen) packed object and cached on it.
 """
 
 from __future__ import annotations
@@ -66,15 +66,10 @@ class QsWeight(ctypes.Structure):
 class Descriptor:
     """A `qs_weight` for one packed weight, and the tensors it points into (kept alive with it)."""
 
-    def __init__(self, packed: PackedWeight, struct: QsWeight, keep: tuple[torch.Tensor, ...]):
+    def __init__(self, struct: QsWeight, keep: tuple[torch.Tensor, ...]):
         self.struct, self.keep = struct, keep
         self.shape = (int(struct.n), int(struct.k))
-        self.key = _tensors_key(keep)
         self.ref = ctypes.byref(struct)
-
-
-def _tensors_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -195,9 +190,10 @@ def _gguf(p: GGUFBlocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
 
 
 def descriptor(packed: PackedWeight) -> Descriptor:
-    """The C descriptor of `packed`, built once and cached on it (rebuilt if its tensors were replaced)."""
+    """The C descriptor of `packed`, built once and cached on it (a packed format is frozen: its tensors stay; the
+    router's adapter makes a new packed object when a backend's buffers change)."""
     cached = packed.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached.key == _tensors_key(cached.keep):
+    if cached is not None:
         return cached
     build = _BUILDERS.get(type(packed))
     if build is None:
@@ -211,7 +207,7 @@ def descriptor(packed: PackedWeight) -> Descriptor:
     if cpu_build.library().qs_supported(struct.fmt, struct.kind) != 0:
         raise FormatError(f"cpu kernels: this build has no decoder for {type(packed).__name__} "
                           f"(format {struct.fmt}, kind {struct.kind})")
-    desc = Descriptor(packed, struct, keep)
+    desc = Descriptor(struct, keep)
     object.__setattr__(packed, _CACHE_ATTR, desc)
     return desc
 
