@@ -615,11 +615,12 @@ static int gemv1(const qs_weight *w, const float *x, float *y, const float *bias
         group_sums(x, k, sum_group, gsum);
     }
 #endif
-    float probe;
-    if (nout == 0 || dot_row(w, 0, x, gsum, &probe) != 0) { free(gsum); return 1; } /* no fused form: decode */
+    float first;
+    if (nout == 0 || dot_row(w, 0, x, gsum, &first) != 0) { free(gsum); return 1; } /* no fused form: decode */
+    y[0] = first + (bias ? bias[0] : 0.0f);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed) if (nout * k >= QS_PARALLEL_MIN_WEIGHTS)
-    for (int64_t n = 0; n < nout; n++) {
+    for (int64_t n = 1; n < nout; n++) {
         float v;
         if (dot_row(w, n, x, gsum, &v) != 0) { failed = 1; continue; }
         y[n] = v + (bias ? bias[n] : 0.0f);
