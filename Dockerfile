@@ -28,6 +28,9 @@ numpy==2.4.6
 safetensors==0.8.0
 accelerate==1.15.0
 diffusers==0.42.1
+transformers==5.25.0
+tokenizers==0.23.3
+kernels==0.19.1
 bitsandbytes==0.50.2
 torchao==0.18.0
 optimum-quanto==0.2.7
@@ -59,9 +62,6 @@ EOF
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY quantserve ./quantserve
-COPY runtime ./runtime
-COPY kernels ./kernels
-COPY serve ./serve
 # a non-editable install: the package (with the embedded digits model's weights) lands in the venv, /src is left behind
 RUN pip install --no-build-isolation -c /opt/constraints-image.txt . \
     && pip check \
@@ -71,7 +71,7 @@ RUN pip install --no-build-isolation -c /opt/constraints-image.txt . \
 FROM ${CUDA_BASE}
 ARG DEBIAN_FRONTEND=noninteractive
 # python3.12-dev and gcc: Triton compiles its launcher stub against Python.h at first use of a GPU kernel, and
-# quantserve's CPU kernels (kernels/csrc) are compiled for the node's processor at first use on a CPU replica
+# quantserve's CPU kernels (quantserve/kernels/csrc) are compiled for the node's processor at first use on a CPU replica
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-dev gcc libc6-dev bash wget ca-certificates procps \
     && rm -rf /var/lib/apt/lists/* \

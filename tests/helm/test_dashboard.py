@@ -14,7 +14,7 @@ import pytest
 
 from .chart import CHART, ROOT, manifests, one, substitute_grafana_variables
 
-METRICS_SOURCE = ROOT / "serve" / "metrics.py"
+METRICS_SOURCE = ROOT / "quantserve" / "serve" / "metrics.py"
 METRIC_CLASSES = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram"}
 RAY_PREFIX = "ray_"
 # Labels every series has besides its tag keys: Ray Serve's (added to a replica's metrics), Ray's own, and those the

@@ -1,11 +1,5 @@
 """quantserve.runtime: quantization configs, backends, loading, layer routing and autotuning."""
 
-if __name__ != "quantserve.runtime":  # the repository root is on sys.path (python -m from the root)
-    # This folder imports only as quantserve.runtime. Libraries probe for a top-level `runtime` package
-    # (bitsandbytes and diffusers look for Hugging Face's `kernels`); refuse to pose as it.
-    raise ImportError(f"{__name__!r} is not this package: this folder is quantserve.runtime")
-
-
 from .config import (
     BitsAndBytesConfig,
     GGUFQuantizationConfig,
