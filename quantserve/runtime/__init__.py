@@ -13,6 +13,8 @@ from .config import (
 from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
 from .requirements import Requirement
 from .loader import load_model, load_report, save_quantized
+from .pipeline import PipelineReport, load_pipeline
+from .pipeline_config import PipelineQuantizationConfig
 from .quant_linear import QuantLinear
 from .schemes import SCHEMES, Scheme, get_scheme, resolve_quantization_config
 
@@ -24,6 +26,8 @@ __all__ = [
     "GGUFQuantizationConfig",
     "QuantLinear",
     "NVIDIAModelOptConfig",
+    "PipelineQuantizationConfig",
+    "PipelineReport",
     "QuantizationConfigMixin",
     "QuantizationMethod",
     "QuantoConfig",
@@ -33,6 +37,7 @@ __all__ = [
     "TorchAoConfig",
     "get_scheme",
     "load_model",
+    "load_pipeline",
     "load_report",
     "save_quantized",
     "quantization_config_from_dict",

@@ -24,7 +24,8 @@ from .backends.base import Backend, QuantizedWeight, backend_for
 from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
 from .errors import ConfigTypeError, ConfigValueError
 from .memory import release_freed_memory
-from .model_files import CONFIG_NAME, SAFE_WEIGHTS, CheckpointError, SafetensorsSource, TensorSource, read_config
+from .model_classes import library_of_config, library_of_model
+from .model_files import CONFIG_NAME, CheckpointError, SafetensorsSource, TensorSource, read_config
 from .quant_linear import QuantLinear
 from .report import LoadReport, measure
 from .schemes import SCHEMES, get_scheme
@@ -36,18 +37,6 @@ QWEIGHT = "qweight"
 
 
 # --- choosing the model class and the config ------------------------------------------------------------------
-
-def model_class_for(config: Mapping[str, Any], where: Path) -> type[nn.Module]:
-    """The diffusers model class named by config.json's `_class_name` (never code named by a file)."""
-    import diffusers
-
-    name = config.get("_class_name")
-    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise CheckpointError(f"{where}: _class_name {name!r} is not a diffusers model class (e.g. "
-                              "FluxTransformer2DModel, SD3Transformer2DModel, DiTTransformer2DModel)")
-    return cls
-
 
 def resolve_with_options(spec: Any) -> tuple[QuantizationConfigMixin | None, dict[str, Any], str]:
     """A config, the scheme's backend options (gguf_type), and a label, from None/scheme name/config/dict."""
@@ -68,8 +57,10 @@ def resolve_with_options(spec: Any) -> tuple[QuantizationConfigMixin | None, dic
 
 def _choose_config(block: Any, spec: Any, config_path: Path) -> tuple[QuantizationConfigMixin | None, dict[str, Any], str, bool]:
     """The checkpoint's config when it has one (pre-quantized), else the argument's (quantize on load)."""
+    from .pipeline_config import from_transformers_form
+
     try:
-        stored = quantization_config_from_dict(block) if block is not None else None
+        stored = quantization_config_from_dict(from_transformers_form(block)) if block is not None else None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: quantization_config: {exc}") from exc
     wanted, options, label = resolve_with_options(spec)
@@ -82,15 +73,6 @@ def _choose_config(block: Any, spec: Any, config_path: Path) -> tuple[Quantizati
 
 
 # --- building and planning ------------------------------------------------------------------------------------
-
-def _skeleton(cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
-    from accelerate import init_empty_weights
-
-    clean = {k: v for k, v in config.items() if k != "quantization_config"}
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(clean)
-    return model
-
 
 def _matches(name: str, patterns: list[str]) -> str | None:
     """The first pattern naming this module or one of its parents, as diffusers matches skip lists:
@@ -134,11 +116,12 @@ class _Loader:
     """One load: tensors stream from `source` into `model`; errors name the file and the tensor."""
 
     def __init__(self, model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
-                 config_path: Path):
+                 config_path: Path, tied: Mapping[str, str] | None = None):
         self.model, self.source, self.device, self.dtype = model, source, device, dtype
         self.config_path = config_path
         self.used: set[str] = set()
         self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        self.tied = dict(tied or {})  # parameter -> the one it is tied to; the checkpoint may hold only the latter
 
     def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
         if key not in self.source:
@@ -185,6 +168,8 @@ class _Loader:
                 continue  # a buffer the model computed itself at construction
             if not tensor.is_meta and name in self.used:
                 continue
+            if name in self.tied and name not in self.source and self.tied[name] in self.source:
+                continue  # tied: restored from its source once that is loaded
             loaded = self.tensor(name, tuple(tensor.shape))
             if tensor.is_floating_point() and (not loaded.is_floating_point() or loaded.element_size() == 1):
                 raise CheckpointError(f"{self.source.file_of(name)}: tensor {name!r} is stored quantized "
@@ -236,7 +221,8 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
     start = time.perf_counter()
     config_path = folder / CONFIG_NAME
     model_config = read_config(folder)
-    cls = model_class_for(model_config, config_path)
+    lib, class_name = library_of_config(model_config, config_path)
+    cls = lib.model_class(class_name, config_path)
     block = model_config.get("quantization_config")
     if gguf_file is not None and block is None:
         block = GGUFQuantizationConfig(compute_dtype=dtype).to_dict()
@@ -248,11 +234,11 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
     if qconfig is not None:
         qconfig.check_environment(device)
 
-    model = _skeleton(cls, model_config)
+    model = lib.skeleton(cls, model_config)
     planned, reasons = plan_layers(model, backend)
     with _open_source(folder, gguf_file) as source:
         layers_meta = json.loads(source.metadata().get(LAYERS_METADATA_KEY, "{}"))
-        loader = _Loader(model, source, device, dtype, config_path)
+        loader = _Loader(model, source, device, dtype, config_path, lib.tied_targets(model))
         from tqdm.auto import tqdm
 
         for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",
@@ -268,6 +254,7 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
                 del q
                 release_freed_memory()  # the quantizer's freed temporaries, before the next layer's
         loader.dense_rest()
+        lib.tie(model)
         loader.leftovers()
     if backend is not None:
         backend.after_load(model, forward_loop)
@@ -310,43 +297,11 @@ def load_model(path: str | os.PathLike[str], quantization_config: Any = None, de
     if path.is_file() and path.name == CONFIG_NAME:
         path = path.parent
     if (path / "model_index.json").is_file():
-        return load_pipeline_components(path, quantization_config, device, torch_dtype, forward_loop, progress,
-                                        kernel_policy)
+        from .pipeline import load_pipeline_models
+
+        return load_pipeline_models(path, quantization_config, device, torch_dtype, forward_loop=forward_loop,
+                                    progress=progress, kernel_policy=kernel_policy)
     return _load_one(path, quantization_config, device, torch_dtype, None, forward_loop, progress, kernel_policy)
-
-
-def load_pipeline_components(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
-                             forward_loop: Callable[[nn.Module], None] | None = None, progress: bool = False,
-                             kernel_policy: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
-    """Every diffusers model component of a pipeline directory, each with its own quantization config.
-
-    `spec` is one config for every model component, or a mapping component name -> config (as diffusers'
-    PipelineQuantizationConfig quant_mapping); components the mapping does not name load unquantized.
-    """
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and (folder / k / CONFIG_NAME).is_file()]
-    is_mapping = isinstance(spec, Mapping) and "quant_method" not in spec and not any(k.startswith("load_in") for k in spec)
-    if is_mapping:
-        unknown = sorted(set(spec) - set(names))
-        if unknown:
-            raise ConfigValueError("load_model", "quantization_config", unknown, f"component names of {folder}: {names}")
-    components: dict[str, nn.Module] = {}
-    for name in names:
-        library, class_name = index[name]
-        if library != "diffusers":
-            logger.warning("%s/%s: %s.%s is not a diffusers model; quantserve loads diffusers components only",
-                           folder, name, library, class_name)
-            continue
-        sub_config = read_config(folder / name)
-        import diffusers
-
-        cls = getattr(diffusers, sub_config.get("_class_name", ""), None)
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-            continue  # schedulers and other configs: not weights
-        component_spec = spec.get(name) if is_mapping else spec
-        components[name] = _load_one(folder / name, component_spec, device, dtype, None, forward_loop, progress,
-                                     kernel_policy)
-    return components
 
 
 def load_report(model: nn.Module) -> LoadReport:
@@ -359,7 +314,7 @@ def load_report(model: nn.Module) -> LoadReport:
 
 # --- saving ---------------------------------------------------------------------------------------------------
 
-def _checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _checkpoint_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     layers: dict[str, Any] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -368,20 +323,12 @@ def _checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
                             "shape": [q.out_features, q.in_features], "tensors": sorted(q.packed_tensors())}
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
-        tensors[key] = tensor.detach().to("cpu").contiguous().clone()
+        if key not in skip:
+            tensors[key] = tensor.detach().to("cpu").contiguous().clone()
     return tensors, layers
 
 
-def _write_config(model: nn.Module, folder: Path, qconfig: QuantizationConfigMixin | None) -> None:
-    model.save_config(folder)
-    path = folder / CONFIG_NAME
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if qconfig is not None:
-        data["quantization_config"] = qconfig.to_dict()
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory to `out`, replacing what was there only once the new one is complete."""
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
@@ -392,24 +339,37 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
-    """Write a pre-quantized checkpoint: config.json with its quantization_config, and the packed tensors
-    (safetensors, or a .gguf for GGUF). Written to a temporary directory, then renamed into place."""
+def write_model(model: nn.Module, folder: Path) -> None:
+    """config.json (with the quantization_config) and the weights of a loaded model, into an existing `folder`:
+    safetensors with quantserve's packed layers, or the backend's own file (a .gguf for GGUF)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
     qconfig = getattr(model, "quantserve_config", None)
     backend = getattr(model, "quantserve_backend", None)
+    lib = library_of_model(model)
+    lib.write_config(model, folder, qconfig.to_dict() if qconfig is not None else None)
+    if backend is not None and backend.writes_own_checkpoint():
+        backend.save_checkpoint(model, folder)
+        return
+    tensors, layers = _checkpoint_tensors(model, set(lib.tied_targets(model)))
+    save_file(tensors, str(folder / lib.weights_name), metadata={"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
+
+
+def save_quantized(model: Any, out_dir: str | os.PathLike[str]) -> Path:
+    """Write a pre-quantized checkpoint of a model loaded by `load_model` (config.json with its quantization_config,
+    and the packed tensors), or of a whole pipeline loaded by `load_pipeline` (every component, model_index.json).
+    Written to a temporary directory, then renamed into place: a failure leaves what was at `out_dir` intact."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     try:
-        _write_config(model, tmp, qconfig)
-        if backend is not None and backend.writes_own_checkpoint():
-            backend.save_checkpoint(model, tmp)
+        if isinstance(model, nn.Module):
+            write_model(model, tmp)
         else:
-            tensors, layers = _checkpoint_tensors(model)
-            save_file(tensors, str(tmp / SAFE_WEIGHTS), metadata={"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
-        _replace_dir(tmp, out)
+            from .pipeline import write_pipeline
+
+            write_pipeline(model, tmp)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,9 @@ import torch
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SAFE_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# transformers' names for the same files (text encoders of a pipeline)
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TRANSFORMERS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -173,15 +176,15 @@ class SafetensorsSource(TensorSource):
 
     @classmethod
     def for_directory(cls, folder: Path) -> SafetensorsSource:
-        index = folder / SAFE_INDEX
-        if index.is_file():
+        index = next((folder / name for name in (SAFE_INDEX, TRANSFORMERS_INDEX) if (folder / name).is_file()), None)
+        if index is not None:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (KeyError, json.JSONDecodeError) as exc:
                 raise CheckpointError(f"{index}: not a safetensors index (needs a weight_map): {exc}") from exc
             return cls({k: folder / v for k, v in weight_map.items()}, index)
-        single = folder / SAFE_WEIGHTS
-        candidates = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+        singles = [folder / name for name in (SAFE_WEIGHTS, TRANSFORMERS_WEIGHTS) if (folder / name).is_file()]
+        candidates = singles[:1] if singles else sorted(folder.glob("*.safetensors"))
         if len(candidates) == 1:
             return cls({"*": candidates[0]}, candidates[0])
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
