@@ -150,3 +150,22 @@ class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
             return BnBInt8Weight(tensors["CB"], tensors["SCB"], meta)
         state = {k: v for k, v in tensors.items() if k != "data"}
         return BnB4bitWeight(tensors["data"], state, meta)
+
+    # checkpoints bitsandbytes' own serialization wrote (through diffusers or transformers)
+    def read_checkpoint_layer(self, name: str, source: Any) -> QuantizedWeight | None:
+        """4-bit: `{name}.weight` packed, beside `.absmax`, `.quant_map` (`.nested_*` when double-quantized) and the
+        `.quant_state.bitsandbytes__<type>` blob; 8-bit: `{name}.weight` int8 with `{name}.SCB`."""
+        prefix = f"{name}.weight."
+        blob = next((k for k in source.keys() if k.startswith(prefix + "quant_state.bitsandbytes__")), None)
+        if blob is not None:
+            qs = {k[len(prefix):]: source.get(k) for k in source.keys() if k.startswith(prefix)}
+            quant_state = json.loads(bytes(qs[blob[len(prefix):]].tolist()).decode())
+            return self._weight_from_state_dict(source.get(f"{name}.weight"), qs, tuple(quant_state["shape"]))
+        if f"{name}.SCB" in source and f"{name}.weight" in source:
+            cb = source.get(f"{name}.weight")
+            if cb.dtype == torch.int8:
+                return BnBInt8Weight(cb, source.get(f"{name}.SCB").float(), {"threshold": self.config.llm_int8_threshold})
+        return None
+
+    def checkpoint_keys(self, name: str, source: Any) -> list[str]:
+        return [k for k in source.keys() if k.startswith(f"{name}.weight") or k == f"{name}.SCB"]

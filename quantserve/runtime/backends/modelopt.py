@@ -632,6 +632,9 @@ class ModelOptBackend(Backend, config=NVIDIAModelOptConfig):
         block = dims.get(-1)
         if kind in ("int4", "nf4") and in_features % 2:
             return f"in_features {in_features} is odd; {kind} packs two codes per byte along it"
+        if kind == "int4" and block and (out_features * in_features) % block:
+            return (f"int4 blocks of {block} do not divide the weight's {out_features * in_features} elements "
+                    "(modelopt blocks the flattened weight)")
         if kind in ("nvfp4", "int8") and dims:
             shape = (out_features, in_features)
             for dim, size in dims.items():
