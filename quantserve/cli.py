@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from quantserve.runtime.inspect import Inspection, inspect_path
 from quantserve.runtime.schemes import SCHEMES
@@ -62,21 +64,66 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             _print_inspection(report)
     ok = all(r.valid for r in reports)
     if args.load and ok:
-        from quantserve.runtime.loader import load_model
-
         try:
-            loaded = load_model(args.path, device=args.device, progress=True)
+            loaded = _load(args.path, None, args.device)
         except (ValueError, TypeError, RuntimeError) as exc:
             print(f"quantserve inspect --load: {exc}", file=sys.stderr)
             return EXIT_INVALID
-        models = loaded if isinstance(loaded, dict) else {"model": loaded}
+        report = loaded.quantserve_report
         if args.json:
-            print(json.dumps({name: m.quantserve_report.to_dict() for name, m in models.items()}, indent=2))
+            print(json.dumps(report.to_dict(), indent=2))
         else:
-            for name, model in models.items():
-                print(f"\n{name}: load report")
-                print(model.quantserve_report.table())
+            print("\nload report")
+            print(report.table())
     return EXIT_OK if ok else EXIT_INVALID
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    """A diffusers pipeline directory (model_index.json naming a diffusers pipeline class), not a single model."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return False
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    return isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
+
+
+def _load(path: str, spec: Any, device: str) -> Any:
+    """A pipeline directory through load_pipeline, anything else through load_model (progress bars on)."""
+    if is_pipeline_dir(path):
+        from quantserve.runtime.pipeline import load_pipeline
+
+        return load_pipeline(path, spec, device=device, progress=True)
+    from quantserve.runtime.loader import load_model
+
+    return load_model(path, spec, device=device, progress=True)
+
+
+def parse_components(text: str) -> dict[str, str]:
+    """'transformer=nf4,text_encoder_2=int8wo' -> {component: scheme}; a ValueError names the bad entry."""
+    mapping: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, scheme = item.partition("=")
+        if not sep or not name.strip() or scheme.strip() not in SCHEMES:
+            raise ValueError(f"--components: {item!r} is not COMPONENT=SCHEME with a scheme among {', '.join(SCHEMES)}")
+        mapping[name.strip()] = scheme.strip()
+    if not mapping:
+        raise ValueError("--components: expected COMPONENT=SCHEME[,COMPONENT=SCHEME...], e.g. transformer=nf4,text_encoder_2=int8wo")
+    return mapping
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    """What --scheme / --config / --components ask for (None: as the checkpoint says)."""
+    if getattr(args, "components", None):
+        return parse_components(args.components)
+    if getattr(args, "config", None):
+        return _load_config_file(args.config)
+    return getattr(args, "scheme", None)
 
 
 def _load_config_file(path: str) -> dict:
@@ -89,11 +136,10 @@ def _load_config_file(path: str) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantserve.runtime.loader import load_model, save_quantized
+    from quantserve.runtime.loader import save_quantized
 
-    spec = args.scheme if args.scheme else _load_config_file(args.config)
     try:
-        model = load_model(args.model_dir, spec, device=args.device, progress=True)
+        model = _load(args.model_dir, _spec(args), args.device)
         out = save_quantized(model, args.out)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         print(f"quantserve quantize: {exc}", file=sys.stderr)
@@ -114,7 +160,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown:
         print(f"quantserve compare: --schemes: unknown {unknown}; accepted: {', '.join(SCHEMES)}", file=sys.stderr)
         return EXIT_USAGE
-    results = compare_schemes(args.model_dir, schemes, seed=args.seed, batch=args.batch, progress=True)
+    model_dir = args.model_dir
+    if is_pipeline_dir(model_dir):
+        denoiser = next((Path(model_dir) / n for n in ("transformer", "unet") if (Path(model_dir) / n).is_dir()), None)
+        if denoiser is None:
+            print(f"quantserve compare: {model_dir} has no transformer/ or unet/ to compare", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"pipeline directory: comparing its denoiser, {denoiser}")
+        model_dir = str(denoiser)
+    results = compare_schemes(model_dir, schemes, seed=args.seed, batch=args.batch, progress=True)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -129,20 +183,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if not any(r.error for r in results) else EXIT_INVALID
 
 
-def _load_for_kernels(args: argparse.Namespace):
-    from quantserve.runtime.loader import load_model
+def _models_for_kernels(args: argparse.Namespace) -> list[tuple[str, Any, list[int]]]:
+    """(component, model, the M values its Linear layers see) for a model directory or each model of a pipeline:
+    a denoiser sees its image tokens, a text encoder its prompt tokens (--text-tokens)."""
+    from quantserve.runtime.autotune import tokens_for
 
-    return load_model(args.model_dir, args.scheme, device=args.device, progress=True)
+    loaded = _load(args.model_dir, _spec(args), args.device)
+    if not is_pipeline_dir(args.model_dir):
+        return [("model", loaded, sorted({args.batch, tokens_for(loaded, args.resolution, args.batch)}))]
+    out = []
+    for name in loaded.quantserve_report.components:
+        model = getattr(loaded, name)
+        if name in ("transformer", "unet"):
+            m_values = sorted({args.batch, tokens_for(model, args.resolution, args.batch)})
+        else:
+            m_values = [args.batch * args.text_tokens]
+        out.append((name, model, m_values))
+    return out
 
 
 def cmd_autotune(args: argparse.Namespace) -> int:
-    from quantserve.runtime.autotune import TuneCache, autotune, device_key, tokens_for
+    from quantserve.runtime.autotune import TuneCache, autotune, device_key
     from quantserve.runtime.router import KernelPolicy
 
-    model = _load_for_kernels(args)
-    m_values = sorted({args.batch, tokens_for(model, args.resolution, args.batch)})
     cache = TuneCache()
-    results = autotune(model, m_values, device=args.device, cache=cache, policy=KernelPolicy.from_env(), progress=True)
+    results = []
+    for _, model, m_values in _models_for_kernels(args):
+        results += autotune(model, m_values, device=args.device, cache=cache, policy=KernelPolicy.from_env(),
+                            progress=True)
     fresh = [r for r in results if not r.cached]
     print(f"device: {device_key(args.device)}")
     print(f"cache : {cache.path} ({len(fresh)} shapes tuned, {len(results) - len(fresh)} found in the cache)")
@@ -155,14 +223,17 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from quantserve.runtime.autotune import TuneCache, tokens_for
+    from quantserve.runtime.autotune import TuneCache
     from quantserve.runtime.router import KernelPolicy, nearest_entry, quant_layers, route
 
-    model = _load_for_kernels(args)
-    m = tokens_for(model, args.resolution, args.batch)
     entries = TuneCache().entries(args.device)
-    decisions = route(model, args.device, m=m, policy=KernelPolicy.from_env(), cache=entries)
-    layers = dict(quant_layers(model))
+    decisions, layers = [], {}
+    for component, model, m_values in _models_for_kernels(args):
+        prefix = "" if component == "model" else f"{component}."
+        for d in route(model, args.device, m=max(m_values), policy=KernelPolicy.from_env(), cache=entries):
+            d.layer = prefix + d.layer
+            decisions.append(d)
+        layers.update((prefix + name, (layer, max(m_values))) for name, layer in quant_layers(model))
     if args.json:
         print(json.dumps([d.__dict__ for d in decisions], indent=2))
         return EXIT_OK
@@ -170,7 +241,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("no quantized layers: every Linear layer runs as a dense torch matmul")
     print(f"{'layer':<48} {'format':<18} {'N x K':>11}  {'kernel':<12} why; alternatives")
     for d in decisions:
-        layer = layers[d.layer]
+        layer, m = layers[d.layer]
         _, entry = nearest_entry(entries, layer, m)  # the entry the router read (the nearest tuned M bucket)
         timings = (entry or {}).get("timings_ms", {})
         others = ", ".join(f"{k} {timings[k]:.3f} ms" if k in timings else k for k in d.runnable if k != d.kernel)
@@ -221,10 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".gguf for gguf-* schemes, and config.json with its quantization_config). OUT is "
                                    "written to a temporary directory and renamed into place: a failure leaves nothing "
                                    "half-written. Prints the per-layer load report.")
-    p.add_argument("model_dir", help="a diffusers model directory (config.json + safetensors)")
+    p.add_argument("model_dir", help="a diffusers model directory (config.json + safetensors) or a pipeline directory "
+                                     "(model_index.json): every component is written, tokenizers and scheduler too")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME", help="a named scheme: " + ", ".join(SCHEMES))
-    how.add_argument("--config", metavar="FILE.json", help="a quantization_config block (or a config.json holding one)")
+    how.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME",
+                     help="a named scheme (a pipeline's denoiser only): " + ", ".join(SCHEMES))
+    how.add_argument("--config", metavar="FILE.json", help="a quantization_config block (or a config.json holding one); "
+                     "for a pipeline also a mapping component -> config, or a PipelineQuantizationConfig dict")
+    how.add_argument("--components", metavar="C=S,...",
+                     help="a pipeline: a scheme per component, e.g. transformer=nf4,text_encoder_2=int8wo")
     p.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
     p.add_argument("--device", default="cpu", help="device to quantize on (default: cpu)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
@@ -234,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load MODEL_DIR in bf16 and with each scheme, feed every variant the same seeded "
                                    "random inputs, and print each output's relative error against bf16, its size, and "
                                    "the layers whose own error is largest (each fed the bf16 layer's input).")
-    p.add_argument("model_dir", help="a diffusers model directory")
+    p.add_argument("model_dir", help="a diffusers model directory (a pipeline directory: its transformer or unet)")
     p.add_argument("--schemes", required=True, help="comma-separated scheme names, e.g. nf4,int8wo,gguf-q4_k")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared random inputs (default 0)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the inputs (default 1)")
@@ -254,8 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
          "format, shape, chosen kernel, why, and the alternatives with their cached timings.", cmd_explain),
     ):
         p = sub.add_parser(command, help=summary, description=description)
-        p.add_argument("model_dir", help="a diffusers model directory")
-        p.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME", help="quantize on load with this scheme")
+        p.add_argument("model_dir", help="a diffusers model directory, or a pipeline directory (every model component)")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--scheme", choices=list(SCHEMES), metavar="NAME",
+                         help="quantize on load with this scheme (a pipeline's denoiser only)")
+        how.add_argument("--components", metavar="C=S,...",
+                         help="a pipeline: a scheme per component, e.g. transformer=nf4,text_encoder_2=int8wo")
+        p.add_argument("--text-tokens", type=int, default=256,
+                       help="prompt tokens a pipeline's text encoders see per image (default 256)")
         p.add_argument("--resolution", type=int, default=8, help="image side in the model's input space (default 8)")
         p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
         p.add_argument("--device", default="cpu", help="device to tune on (default cpu; e.g. cuda)")
@@ -291,7 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
-    return args.func(args)
+    from quantserve.runtime.errors import ConfigTypeError
+
+    try:
+        return args.func(args)
+    except (ValueError, ConfigTypeError, FileNotFoundError) as exc:  # bad input: say what, no traceback
+        print(f"quantserve {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

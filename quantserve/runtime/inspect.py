@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
+from .pipeline_config import from_transformers_form
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
@@ -75,12 +76,13 @@ def _inspect_config_json(config_path: Path, component: str | None = None) -> Ins
     data = _read_json(config_path, report)
     if data is None:
         return report
-    report.model_class = data.get("_class_name")
+    architectures = data.get("architectures")
+    report.model_class = data.get("_class_name") or (architectures[0] if isinstance(architectures, list) and architectures else None)
     block = data.get("quantization_config")
     if block is not None:
         report.raw_config = block
         try:
-            report.config = quantization_config_from_dict(block)
+            report.config = quantization_config_from_dict(from_transformers_form(block))
         except (ValueError, TypeError, RuntimeError) as exc:
             report.errors.append(f"{config_path}: quantization_config: {exc}")
     folder = config_path.parent
