@@ -80,9 +80,11 @@ def _matches(name: str, patterns: list[str]) -> str | None:
     return next((p for p in patterns if p and (name == p or f"{p}." in f"{name}.")), None)
 
 
-def plan_layers(model: nn.Module, backend: Backend | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
-    """Which Linear layers to quantize, and for every other one why it stays dense."""
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+def plan_layers(model: nn.Module, backend: Backend | None,
+                keep_dense: list[str] | None = None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """Which Linear layers to quantize, and for every other one why it stays dense (`keep_dense`: the model class's
+    own patterns, `_keep_in_fp32_modules` by default)."""
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if keep_dense is None else keep_dense
     skip = backend.skip_patterns() if backend else []
     planned: dict[str, nn.Linear] = {}
     reasons: dict[str, str] = {}
@@ -92,7 +94,7 @@ def plan_layers(model: nn.Module, backend: Backend | None) -> tuple[dict[str, nn
         if backend is None:
             reasons[name] = "no quantization"
         elif hit := _matches(name, keep_fp32):
-            reasons[name] = f"kept in fp32 (_keep_in_fp32_modules: {hit})"
+            reasons[name] = f"kept dense (the model class keeps it out of quantization: _keep_in_fp32_modules: {hit})"
         elif hit := _matches(name, skip):
             reasons[name] = f"skipped ({hit!r} in modules_to_not_convert)"
         else:
@@ -116,11 +118,11 @@ class _Loader:
     """One load: tensors stream from `source` into `model`; errors name the file and the tensor."""
 
     def __init__(self, model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
-                 config_path: Path, tied: Mapping[str, str] | None = None):
+                 config_path: Path, tied: Mapping[str, str] | None = None, keep_fp32: list[str] | None = None):
         self.model, self.source, self.device, self.dtype = model, source, device, dtype
         self.config_path = config_path
         self.used: set[str] = set()
-        self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if keep_fp32 is None else keep_fp32
         self.tied = dict(tied or {})  # parameter -> the one it is tied to; the checkpoint may hold only the latter
 
     def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -235,10 +237,11 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
         qconfig.check_environment(device)
 
     model = lib.skeleton(cls, model_config)
-    planned, reasons = plan_layers(model, backend)
+    planned, reasons = plan_layers(model, backend, lib.dense_patterns(model))
     with _open_source(folder, gguf_file) as source:
         layers_meta = json.loads(source.metadata().get(LAYERS_METADATA_KEY, "{}"))
-        loader = _Loader(model, source, device, dtype, config_path, lib.tied_targets(model))
+        loader = _Loader(model, source, device, dtype, config_path, lib.tied_targets(model),
+                         lib.fp32_patterns(model, dtype))
         from tqdm.auto import tqdm
 
         for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .model_files import CONFIG_NAME, CheckpointError
@@ -52,6 +53,14 @@ class ModelLibrary:
     def tied_targets(self, model: nn.Module) -> dict[str, str]:
         """Parameter name -> the name it is tied to (the checkpoint stores only the latter)."""
         return {}
+
+    def dense_patterns(self, model: nn.Module) -> list[str]:
+        """Module patterns the model class keeps out of quantization (`_keep_in_fp32_modules` and the like)."""
+        return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def fp32_patterns(self, model: nn.Module, dtype: torch.dtype) -> list[str]:
+        """Module patterns whose dense weights are stored in float32 when the model loads in `dtype`."""
+        return self.dense_patterns(model)
 
     def tie(self, model: nn.Module) -> None:
         """Restore the ties `tied_targets` names, once the sources are loaded."""
@@ -128,6 +137,16 @@ class TransformersModels(ModelLibrary):
 
     def tie(self, model: nn.Module) -> None:
         model.tie_weights()  # type: ignore[operator]
+
+    def dense_patterns(self, model: nn.Module) -> list[str]:
+        return [*super().dense_patterns(model), *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+
+    def fp32_patterns(self, model: nn.Module, dtype: torch.dtype) -> list[str]:
+        """As transformers loads them: `_keep_in_fp32_modules` in float16 only (T5's `wo` overflows there; bfloat16
+        has float32's range), `_keep_in_fp32_modules_strict` in float16 and bfloat16."""
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+        strict = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+        return keep + (list(strict) if dtype in (torch.float16, torch.bfloat16) else [])
 
     def write_config(self, model: nn.Module, folder: Path, quantization_config: dict[str, Any] | None) -> None:
         model.config.save_pretrained(folder)  # type: ignore[union-attr]
