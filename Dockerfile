@@ -30,6 +30,7 @@ accelerate==1.15.0
 diffusers==0.42.1
 transformers==5.25.0
 tokenizers==0.23.3
+sentencepiece==0.2.3
 kernels==0.19.1
 bitsandbytes==0.50.2
 torchao==0.18.0
