@@ -8,6 +8,8 @@ digits model in two variants, bf16 and nf4, split 50/50.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +25,10 @@ from pydantic import (
 
 from .ab import validate_sticky_key, validate_weights
 from .kernel_policy import validate_kernel_policy
+from .quantization import BF16_NAMES, check_quantization, quantization_label
 
 VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-BF16_NAMES = ("bf16", "none")  # quantization values meaning "no quantization"
+SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")  # "WxH"; always matched with fullmatch
 
 
 class ConfigError(ValueError):
@@ -72,14 +75,67 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
 
 
+def parse_size_text(text: str) -> tuple[int, int]:
+    """'WxH' as (width, height); ValueError when the text is not of that form (matched whole, digits only)."""
+    match = SIZE_PATTERN.fullmatch(text)
+    if not match:
+        raise ValueError(f"expected 'WxH' such as '512x512' or '768x512', got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class VariantLimits(_Strict):
+    """One variant's own request bounds, each at most the app's `limits` (None: the app's value)."""
+
+    max_n: int | None = Field(None, ge=1, le=256)
+    max_steps: int | None = Field(None, ge=1, le=10_000)
+    default_steps: int | None = Field(None, ge=1, le=10_000)
+    max_size: int | None = Field(None, ge=1, le=4096, description="largest width or height, pixels")
+    default_size: str | None = Field(None, description="'WxH' used when a request gives no size")
+    max_prompt_chars: int | None = Field(None, ge=1, le=10_000)
+
+    @field_validator("default_size")
+    @classmethod
+    def _default_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size_text(value)
+        return value
+
+
+@dataclass(frozen=True)
+class ResolvedLimits:
+    """The bounds a variant's replica applies: its own limits over the app's. Plain data, passed to the replica."""
+
+    max_n: int
+    max_steps: int
+    default_steps: int
+    min_size: int
+    max_size: int
+    default_width: int
+    default_height: int
+    max_guidance: float
+    max_prompt_chars: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResolvedLimits:
+        return cls(**data)
+
+
 class VariantConfig(_Strict):
     """One model variant: a Diffusion deployment with its own scheme, kernel policy, scaling and resources."""
 
     name: str = Field(pattern=VARIANT_NAME_PATTERN)
-    model: str | None = Field(None, description="model directory (transformer/, scheduler/); None: the embedded digits model")
-    quantization: str | dict[str, Any] | None = Field("bf16", description="scheme name (bf16, nf4, ...) or a quantization_config block")
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    model: str | None = Field(None, description="a diffusers pipeline directory (model_index.json), or a digits model "
+                                                "directory; None: the embedded digits model")
+    quantization: str | dict[str, Any] | None = Field(
+        "bf16", description="a scheme name (bf16, nf4, ...), a quantization_config block (the denoiser), a mapping "
+                            "component -> scheme or block, or a PipelineQuantizationConfig (quant_backend, "
+                            "quant_kwargs, components_to_quantize; or quant_mapping)")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     kernel_policy: dict[str, Any] = Field(default_factory=dict)
+    limits: VariantLimits = Field(default_factory=VariantLimits)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_ongoing_requests: int = Field(8, ge=1, le=1024)
@@ -99,16 +155,7 @@ class VariantConfig(_Strict):
     @field_validator("quantization")
     @classmethod
     def _quantization(cls, value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value in BF16_NAMES):
-            return value
-        from quantserve.runtime.schemes import SCHEMES, resolve_quantization_config
-
-        if isinstance(value, str) and value not in SCHEMES:
-            raise ValueError(f"unknown scheme {value!r}; accepted: {', '.join(SCHEMES)} or a quantization_config mapping")
-        try:
-            resolve_quantization_config(value)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(str(exc)) from None
+        check_quantization(value)
         return value
 
     @field_validator("kernel_policy")
@@ -117,19 +164,14 @@ class VariantConfig(_Strict):
         return validate_kernel_policy(value, "")  # the field path comes from pydantic's location
 
     def quantization_spec(self) -> str | dict[str, Any] | None:
-        """What load_model takes: None for bf16, else the scheme name or config block."""
+        """What load_pipeline / load_model take: None for bf16, else the scheme name, block or mapping."""
         q = self.quantization
         return None if q is None or (isinstance(q, str) and q in BF16_NAMES) else q
 
     @property
     def scheme_label(self) -> str:
-        """A short label for metrics: the scheme name, or the config block's quant_method."""
-        spec = self.quantization_spec()
-        if spec is None:
-            return "bf16"
-        if isinstance(spec, str):
-            return spec
-        return str(spec.get("quant_method", "custom"))
+        """A short label for metrics: the scheme name, a block's quant_method, or 'component=scheme, ...'."""
+        return quantization_label(self.quantization_spec())
 
     @property
     def deployment_name(self) -> str:
@@ -200,7 +242,7 @@ class LimitsConfig(_Strict):
     max_size: int = Field(512, ge=1, le=4096)
     default_size: int = Field(64, ge=1, le=4096)
     max_guidance: float = Field(20.0, ge=1.0, le=100.0)
-    max_prompt_chars: int = Field(64, ge=1, le=10_000)
+    max_prompt_chars: int = Field(1000, ge=1, le=10_000)
     max_user_chars: int = Field(128, ge=1, le=10_000)
     max_body_bytes: int = Field(16_384, ge=256, le=10_000_000)
 
@@ -213,6 +255,28 @@ class LimitsConfig(_Strict):
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self
+
+    def for_variant(self, own: VariantLimits, where: str = "limits") -> ResolvedLimits:
+        """The variant's limits over these; a ValueError names the variant's field that exceeds the app's bound."""
+        for name in ("max_n", "max_steps", "max_size", "max_prompt_chars"):
+            value = getattr(own, name)
+            if value is not None and value > getattr(self, name):
+                raise ValueError(f"{where}.{name} ({value}) must be <= limits.{name} ({getattr(self, name)}): the "
+                                 "app's limits bound every variant")
+        max_steps = own.max_steps or self.max_steps
+        default_steps = own.default_steps or min(self.default_steps, max_steps)
+        if default_steps > max_steps:
+            raise ValueError(f"{where}.default_steps ({default_steps}) must be <= max_steps ({max_steps})")
+        max_size = own.max_size or self.max_size
+        width, height = parse_size_text(own.default_size) if own.default_size else (self.default_size,) * 2
+        if own.default_size and not all(self.min_size <= side <= max_size for side in (width, height)):
+            raise ValueError(f"{where}.default_size ({own.default_size}): each side must lie in "
+                             f"[{self.min_size}, {max_size}]")
+        width, height = min(width, max_size), min(height, max_size)
+        return ResolvedLimits(max_n=own.max_n or self.max_n, max_steps=max_steps, default_steps=default_steps,
+                              min_size=self.min_size, max_size=max_size, default_width=width, default_height=height,
+                              max_guidance=self.max_guidance,
+                              max_prompt_chars=own.max_prompt_chars or self.max_prompt_chars)
 
 
 class FrontConfig(_Strict):
@@ -246,10 +310,16 @@ class ServeConfig(_Strict):
             raise ValueError(f"variants: duplicate name(s) {', '.join(dupes)}")
         self.experiment.check(names)
         for i, v in enumerate(self.variants):
-            if v.batching.max_batch_images < self.limits.max_n:
+            limits = self.limits.for_variant(v.limits, f"variants.{i}.limits")
+            if v.batching.max_batch_images < limits.max_n:
+                where = f"variants.{i}.limits.max_n" if v.limits.max_n else "limits.max_n"
                 raise ValueError(f"variants.{i}.batching.max_batch_images ({v.batching.max_batch_images}) must be >= "
-                                 f"limits.max_n ({self.limits.max_n}): a request's images run in one batch")
+                                 f"{where} ({limits.max_n}): a request's images run in one batch")
         return self
+
+    def variant_limits(self, name: str) -> ResolvedLimits:
+        """The bounds the named variant's replica applies."""
+        return self.limits.for_variant(self.variant(name).limits)
 
     @property
     def variant_names(self) -> list[str]:

@@ -67,11 +67,61 @@ def test_example_config_loads() -> None:
     ({"variants": [{"name": "a"}], "limits": {"max_n": 0}}, "limits.max_n"),
     ({"variants": [{"name": "a", "batching": {"max_batch_images": 2}}], "limits": {"max_n": 4}},
      "variants.0.batching.max_batch_images (2) must be >= limits.max_n (4)"),
+    ({"variants": [{"name": "a", "quantization": {"transformer": "nf5"}}]},
+     "variants.0.quantization: transformer: unknown scheme 'nf5'"),
+    ({"variants": [{"name": "a", "quantization": {"text encoder": "nf4"}}]},
+     "variants.0.quantization: text encoder: a component name"),
+    ({"variants": [{"name": "a", "quantization": {"transformer": ["nf4"]}}]},
+     "variants.0.quantization: transformer: expected a scheme name, a quantization_config block or null"),
+    ({"variants": [{"name": "a", "quantization": {"transformer": {"quant_method": "nope"}}}]},
+     "variants.0.quantization: transformer: "),
+    ({"variants": [{"name": "a", "quantization": {}}]}, "variants.0.quantization: an empty mapping"),
+    ({"variants": [{"name": "a", "quantization": {"quant_backend": "bitsandbytes_5bit"}}]},
+     "variants.0.quantization: PipelineQuantizationConfig.quant_backend"),
+    ({"variants": [{"name": "a", "quantization": {"quant_mapping": {"transformer": "nf5"}}}]},
+     "variants.0.quantization: quant_mapping.transformer: unknown scheme 'nf5'"),
+    ({"variants": [{"name": "a", "dtype": "float64"}]}, "variants.0.dtype"),
+    ({"variants": [{"name": "a", "limits": {"max_n": 8}}], "limits": {"max_n": 4}},
+     "variants.0.limits.max_n (8) must be <= limits.max_n (4)"),
+    ({"variants": [{"name": "a", "limits": {"default_size": "64"}}]}, "variants.0.limits.default_size"),
+    ({"variants": [{"name": "a", "limits": {"default_size": "1024x64"}}]},
+     "variants.0.limits.default_size (1024x64): each side must lie in [8, 512]"),
+    ({"variants": [{"name": "a", "limits": {"max_steps": 10, "default_steps": 20}}]},
+     "variants.0.limits.default_steps (20) must be <= max_steps (10)"),
+    ({"variants": [{"name": "a", "limits": {"max_n": 4}, "batching": {"max_batch_images": 2}}], "limits": {"max_n": 8}},
+     "variants.0.batching.max_batch_images (2) must be >= variants.0.limits.max_n (4)"),
 ])
 def test_errors_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert message in str(info.value), str(info.value)
+
+
+def test_every_quantization_form_load_pipeline_takes() -> None:
+    pairs = [
+        ("nf4", "nf4"), ("bf16", "bf16"), (None, "bf16"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bitsandbytes"),
+        ({"transformer": "nf4", "text_encoder_2": "int8wo", "text_encoder": None},
+         "transformer=nf4,text_encoder_2=int8wo"),
+        ({"transformer": {"quant_method": "quanto", "weights_dtype": "int8"}}, "transformer=quanto"),
+        ({"quant_backend": "bitsandbytes_4bit", "quant_kwargs": {"bnb_4bit_quant_type": "nf4"},
+          "components_to_quantize": ["transformer", "text_encoder_2"]}, "bitsandbytes_4bit:transformer,text_encoder_2"),
+        ({"quant_mapping": {"transformer": "nf4", "text_encoder_2": "int8wo"}}, "transformer=nf4,text_encoder_2=int8wo"),
+    ]
+    for quantization, label in pairs:
+        cfg = parse_config({"variants": [{"name": "a", "quantization": quantization}]})
+        assert cfg.variants[0].scheme_label == label
+
+
+def test_a_variant_limits_are_its_own_over_the_apps() -> None:
+    cfg = parse_config({"variants": [{"name": "a", "limits": {"max_n": 2, "max_steps": 8, "default_size": "96x64",
+                                                             "max_prompt_chars": 300}},
+                                     {"name": "b"}],
+                        "limits": {"max_n": 4, "max_steps": 50, "default_steps": 25}})
+    a, b = cfg.variant_limits("a"), cfg.variant_limits("b")
+    assert (a.max_n, a.max_steps, a.default_steps, a.default_width, a.default_height) == (2, 8, 8, 96, 64)
+    assert a.max_prompt_chars == 300 and a.max_size == 512
+    assert (b.max_n, b.max_steps, b.default_steps, b.default_width, b.default_height) == (4, 50, 25, 64, 64)
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
