@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_URL = "http://127.0.0.1:8000"
+# `generate --model DIR` runs locally with no server: only the hard ceilings of a serve config bound it
+LOCAL_LIMITS = {"max_n": 256, "max_steps": 10_000, "max_size": 4096, "max_prompt_chars": 10_000, "max_guidance": 100.0}
 MAX_REQUESTS = 100_000
 MAX_CONCURRENCY = 256
 SHUTDOWN_GRACE_S = 30.0
@@ -112,13 +115,16 @@ def _load_serve_config(args: argparse.Namespace) -> Any:
 
 
 def _check_models(cfg: Any) -> list[str]:
-    from quantserve.serve.generation import model_dir_for
+    """Each variant's model resolved to the pipeline family that serves it, and checked, before Ray starts."""
+    from quantserve.serve.config import ConfigError
+    from quantserve.serve.families import check_variant
 
     problems = []
-    for v in cfg.variants:
-        folder = model_dir_for(v)
-        if not (folder / "transformer").is_dir():
-            problems.append(f"variants[{v.name}].model: {folder} has no transformer/ directory")
+    for i, v in enumerate(cfg.variants):
+        try:
+            check_variant(v, i)
+        except ConfigError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -253,17 +259,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _request_body(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "response_format": "b64_json"}
-    for name in ("size", "steps", "guidance", "seed", "model", "user"):
+    for name in ("negative_prompt", "size", "steps", "guidance", "seed", "model", "user"):
         value = getattr(args, name, None)
         if value is not None:
             body[name] = value
+    body.update(dict(getattr(args, "extra", None) or []))
     body.update(extra)
     return body
 
 
+def _extra(text: str) -> tuple[str, Any]:
+    """--extra NAME=VALUE: the value as JSON when it parses (256, 3.5, true), else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+        raise argparse.ArgumentTypeError(f"--extra: expected NAME=VALUE such as max_sequence_length=256, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def generate_mode(args: argparse.Namespace) -> str:
+    """'remote' when --url is given, or when --model is not a directory (then it names a variant of the server at
+    the default URL, as before); 'local' when --model is a pipeline or model directory and no --url is given."""
+    if args.url is not None:
+        return "remote"
+    model = args.model
+    if model is not None and Path(model).expanduser().is_dir():
+        return "local"
+    if model is not None and (os.sep in model or model.startswith((".", "~"))):
+        raise ValueError(f"--model: {model} is not a directory (a pipeline directory generates locally; with --url, "
+                         "--model names a variant of the server)")
+    return "remote"
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _stem(prompt: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(prompt))[:32] or "image"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     try:
-        url = generations_url(args.url)
+        mode = generate_mode(args)
+    except ValueError as exc:
+        print(f"quantserve generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if mode == "local":
+        return _generate_local(args)
+    if args.scheme or args.config or args.quantization:
+        print("quantserve generate: --scheme, --config and --quantization load a model locally: give --model DIR "
+              "without --url (a server's variants are quantized as its config says)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        url = generations_url(args.url or DEFAULT_URL)
     except ValueError as exc:
         print(f"quantserve generate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -281,14 +334,88 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = payload.get("quantserve", {}).get("seed", resp_headers.get("x-quantserve-seed", "x"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(args.prompt))[:32] or "image"
+    stem = _stem(args.prompt)
     for i, item in enumerate(payload["data"]):
         path = out / f"{stem}-{variant}-seed{seed}-{i}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(base64.b64decode(item["b64_json"]))
-        os.replace(tmp, path)
+        _write_png(path, base64.b64decode(item["b64_json"]))
         print(f"wrote {path}")
     print(f"variant {variant}, seed {seed}, {len(payload['data'])} image(s)")
+    return EXIT_OK
+
+
+def _local_quantization(args: argparse.Namespace) -> Any:
+    """--scheme NAME, --config FILE.json or --quantization JSON: any form a serve config's `quantization` takes."""
+    if args.scheme:
+        return args.scheme
+    if args.config:
+        try:
+            data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--config {args.config}: {exc}") from None
+        return data.get("quantization_config", data) if isinstance(data, dict) else data  # or a whole config.json
+    if args.quantization:
+        try:
+            return json.loads(args.quantization)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--quantization: not valid JSON: {exc}") from None
+    return None
+
+
+def _generate_local(args: argparse.Namespace) -> int:
+    """Load the model in this process through the family code a replica runs, generate with a progress bar over
+    the denoising steps, and write OUT/<prompt>-seed<seed + i>.png."""
+    import random
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from quantserve.serve.config import ConfigError, LimitsConfig, VariantConfig, format_validation_error
+    from quantserve.serve.generation import BatchGenerator, ClientError, load_variant
+
+    try:
+        variant = VariantConfig(name="local", model=str(Path(args.model).expanduser()),
+                                quantization=_local_quantization(args), dtype=args.dtype,
+                                resources={"num_gpus": 1 if args.device.startswith("cuda") else 0})
+        limits = LimitsConfig(**LOCAL_LIMITS).for_variant(variant.limits)
+    except ValidationError as exc:
+        print(f"quantserve generate: {format_validation_error(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"quantserve generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = args.seed if args.seed is not None else random.randrange(0, 2**31 - 1)
+    job = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "n": args.n, "size": args.size,
+           "steps": args.steps, "guidance": args.guidance, "seed": seed, "extras": dict(args.extra or [])}
+    try:
+        loaded = load_variant(variant, limits, "--model")
+        generator = BatchGenerator(loaded)
+        normal = generator.prepare(job)
+    except ClientError as exc:
+        print(f"quantserve generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, ValueError, TypeError, OSError) as exc:
+        print(f"quantserve generate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{loaded.engine.pipeline_class} ({loaded.engine.family}), {loaded.scheme}, {variant.dtype} on "
+          f"{loaded.device}: {normal['n']} image(s) {normal['size']}, {normal['steps']} steps, guidance "
+          f"{normal['guidance']}, seed {seed}", flush=True)
+    with tqdm(total=normal["steps"], desc="denoising", unit="step", disable=args.no_progress) as bar:
+        outcomes, _ = generator.run([normal], lambda done, steps: bar.update(done - bar.n))
+    outcome = outcomes[0]
+    if outcome["status"] != 200:
+        print(f"quantserve generate: {outcome['message']}", file=sys.stderr)
+        return EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(outcome["images"]):
+        path = out / f"{_stem(args.prompt)}-seed{seed + i}.png"
+        _write_png(path, png)
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -382,15 +509,19 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 # --- registration -----------------------------------------------------------------------------------------------
 
-def _add_request_options(p: argparse.ArgumentParser, prompt_required: bool) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="quantserve's base URL (default http://127.0.0.1:8000)")
+def _add_request_options(p: argparse.ArgumentParser, prompt_required: bool, url_default: str | None = DEFAULT_URL,
+                         model_help: str = "a variant name (default: the A/B router assigns one)") -> None:
+    p.add_argument("--url", default=url_default, help=f"quantserve's base URL (default {DEFAULT_URL})")
     p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else "7",
-                   help="what to draw: a digit 0-9 or its word for the embedded model")
+                   help="what to draw: text for a text-to-image pipeline; a digit 0-9 or its word for the digits model")
+    p.add_argument("--negative-prompt", help="what to steer away from (pipelines that take one)")
     p.add_argument("--n", type=_positive("--n", 256), default=1, help="images per request (default 1)")
-    p.add_argument("--size", help="WxH, e.g. 64x64 (default: the server's)")
-    p.add_argument("--steps", type=_positive("--steps", 10_000), help="denoising steps (default: the server's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.0)")
-    p.add_argument("--model", help="a variant name (default: the A/B router assigns one)")
+    p.add_argument("--size", help="WxH, e.g. 512x512 or 768x512 (default: the variant's)")
+    p.add_argument("--steps", type=_positive("--steps", 10_000), help="denoising steps (default: the variant's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's; 1.0 for the digits)")
+    p.add_argument("--extra", type=_extra, action="append", metavar="NAME=VALUE",
+                   help="a pipeline's extra request field, e.g. max_sequence_length=256 (repeatable)")
+    p.add_argument("--model", help=model_help)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one response (default 120)")
 
 
@@ -413,13 +544,44 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="print the equivalent Ray Serve config (for `serve deploy` or KubeRay) and exit")
     p.set_defaults(func=cmd_serve)
 
-    p = subparsers.add_parser("generate", help="ask a running quantserve for images and write them as PNG files",
-                              description="POST one request to /v1/images/generations and write each image as "
-                                          "OUT/<prompt>-<variant>-seed<seed>-<i>.png.")
-    _add_request_options(p, prompt_required=True)
-    p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i)")
-    p.add_argument("--user", help="user id for sticky A/B assignment")
-    p.add_argument("--force-variant", help="force a variant with the X-Quantserve-Force-Variant header")
+    p = subparsers.add_parser(
+        "generate", help="generate images locally from a pipeline directory, or ask a running quantserve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate images and write them as PNG files.\n\n"
+                    "Which way it goes:\n"
+                    "  --url given                 remote: POST to that server; --model names one of its variants\n"
+                    "  no --url, --model is a dir  local: load the pipeline in this process (quantized with --scheme,\n"
+                    "                              --config or --quantization), no server; a progress bar over the\n"
+                    "                              denoising steps; writes OUT/<prompt>-seed<seed + i>.png\n"
+                    "  no --url, --model not a dir remote, to " + DEFAULT_URL + " (as before --model DIR existed)\n\n"
+                    "Remote writes OUT/<prompt>-<variant>-seed<seed>-<i>.png. Local generation runs the code a "
+                    "replica runs, so for the same seed, size, steps, guidance, dtype and torch threads it gives the "
+                    "served image.",
+        epilog="examples:\n"
+               "  quantserve generate --model ./flux-dir --prompt 'a red car' --scheme nf4 --size 512x512 --steps 4 "
+               "--seed 0 --out pngs/\n"
+               "  quantserve generate --model ./flux-dir --prompt 'a red car' "
+               "--quantization '{\"transformer\": \"nf4\", \"text_encoder_2\": \"int8wo\"}' --out pngs/\n"
+               "  quantserve generate --url http://127.0.0.1:8000 --prompt 7 --n 4 --out sevens/")
+    _add_request_options(p, prompt_required=True, url_default=None,
+                         model_help="local: a pipeline directory (model_index.json) or a digits model directory; "
+                                    "remote: a variant name (default: the A/B router assigns one)")
+    p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i; default: drawn at random)")
+    p.add_argument("--user", help="remote: user id for sticky A/B assignment")
+    p.add_argument("--force-variant", help="remote: force a variant with the X-Quantserve-Force-Variant header")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--scheme", metavar="NAME", help="local: quantize the denoiser with a named scheme (nf4, int8wo, ...)")
+    how.add_argument("--config", metavar="FILE.json", help="local: a JSON file with any form a serve config's "
+                     "`quantization` takes (a quantization_config block, a mapping component -> scheme, a "
+                     "PipelineQuantizationConfig)")
+    how.add_argument("--quantization", metavar="JSON", help="local: the same as inline JSON, e.g. "
+                     "'{\"transformer\": \"nf4\", \"text_encoder_2\": \"int8wo\"}'")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="local: the dtype to load and compute in (default bfloat16, as a serve config's)")
+    p.add_argument("--device", default="cpu", help="local: cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=_positive("--threads", 1024),
+                   help="local: torch threads (default torch's; a replica uses its resources.torch_threads)")
+    p.add_argument("--no-progress", action="store_true", help="local: no progress bar")
     p.add_argument("--out", required=True, help="directory to write the PNGs to (created if missing)")
     p.set_defaults(func=cmd_generate)
 

@@ -5,6 +5,9 @@ _EXPORTS = {
     "ServeConfig": "config", "VariantConfig": "config", "ExperimentConfig": "config", "ConfigError": "config",
     "default_config": "config", "load_config": "config", "parse_config": "config",
     "Splitter": "ab", "Assignment": "ab", "UnknownVariantError": "ab",
+    "PipelineFamily": "protocol", "ServedPipeline": "protocol", "ModelSource": "protocol", "ClientError": "protocol",
+    "ExtraField": "protocol", "JobResult": "protocol", "families": "families", "register_family": "families",
+    "TextToImageFamily": "text_to_image",
     "build_app": "app", "build_application": "app", "ray_serve_config": "app",
 }
 __all__ = sorted(_EXPORTS)

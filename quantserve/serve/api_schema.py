@@ -1,15 +1,20 @@
 """The HTTP API's request body and error shapes, shaped like OpenAI's images API, with every field bounded.
 
-POST /v1/images/generations takes {prompt, model?, n?, size?, steps?, guidance?, seed?, response_format?, user?}
-(plus OpenAI's `output_format: "png"` and `stream: false`, the only values quantserve produces). Requests never name
-files, modules or devices: `model` is a variant name the server config declares.
+POST /v1/images/generations takes {prompt, negative_prompt?, model?, n?, size?, steps?, guidance?, seed?,
+response_format?, stream?, user?} (plus OpenAI's `output_format: "png"` and `partial_images: 0`, the only values
+quantserve produces), and a pipeline family's extra fields (e.g. `max_sequence_length`) at the top level. Here every
+field gets its type and the app-wide bounds; the variant's replica then applies its family's rules (the size multiple,
+which extras its pipeline allows, the digits' prompts) and its own, tighter limits. Requests never name files, modules
+or devices: `model` is a variant name the server config declares, and an extra field must be one some family takes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,11 +27,12 @@ from pydantic import (
     ValidationError,
 )
 
-from .config import LimitsConfig, format_validation_error
+from .config import LimitsConfig, format_validation_error, parse_size_text
 
 RESPONSE_FORMATS = ("b64_json", "png")
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SEED = 2**31 - 1
+MAX_EXTRAS = 16
+EXTRA_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class RequestError(ValueError):
@@ -38,25 +44,33 @@ class RequestError(ValueError):
 
 
 class ImageRequest(BaseModel):
-    """The body of POST /v1/images/generations, before the limits are applied."""
+    """The body of POST /v1/images/generations, before the limits are applied; unknown keys land in
+    `model_extra` (a family's extra fields), bounded by `parse_body`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     prompt: StrictStr
+    negative_prompt: StrictStr | None = None
     model: StrictStr | None = None
     n: StrictInt = 1
     size: StrictStr | None = None
     steps: StrictInt | None = None
-    guidance: StrictFloat | StrictInt = 1.0
+    guidance: StrictFloat | StrictInt | None = None
     seed: StrictInt | None = None
     response_format: StrictStr = "b64_json"
     output_format: Literal["png"] = "png"
     stream: StrictBool = False
+    partial_images: StrictInt | None = None
     user: StrictStr | None = None
 
+    @property
+    def extras(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
-def parse_body(body: bytes, limits: LimitsConfig) -> ImageRequest:
-    """Parse and bound a request body; a RequestError names the field."""
+
+def parse_body(body: bytes, limits: LimitsConfig, extra_fields: Collection[str] = ()) -> ImageRequest:
+    """Parse and bound a request body; a RequestError names the field. `extra_fields`: the extra request fields some
+    pipeline family accepts (any other unknown key is refused here)."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body: {len(body)} bytes is over the limit of {limits.max_body_bytes}", "body",
                            "body_too_large")
@@ -72,8 +86,24 @@ def parse_body(body: bytes, limits: LimitsConfig) -> ImageRequest:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())) or None
         raise RequestError(422, format_validation_error(exc).replace("\n", "; "), param) from None
+    check_extras(req.extras, extra_fields)
     check_limits(req, limits)
     return req
+
+
+def check_extras(extras: dict[str, Any], extra_fields: Collection[str]) -> None:
+    """Extra fields: at most MAX_EXTRAS, each one some family accepts, each a JSON scalar."""
+    for name, value in extras.items():
+        if name not in extra_fields or not EXTRA_NAME.fullmatch(name):
+            accepted = ", ".join(sorted(extra_fields)) or "none"
+            raise RequestError(422, f"{name}: not a request field (the fields: prompt, negative_prompt, model, n, size, "
+                                    f"steps, guidance, seed, response_format, output_format, stream, partial_images, "
+                                    f"user; pipeline extras: {accepted})", name)
+        if isinstance(value, str) and len(value) > 256 or not isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise RequestError(422, f"{name}: expected a number, a boolean or a short string (got {value!r})", name)
+    if len(extras) > MAX_EXTRAS:
+        raise RequestError(422, f"body: at most {MAX_EXTRAS} extra fields (got {len(extras)})", "body")
 
 
 def _bounded(value: float, low: float, high: float, name: str) -> None:
@@ -81,32 +111,35 @@ def _bounded(value: float, low: float, high: float, name: str) -> None:
         raise RequestError(422, f"{name}: must be between {low} and {high} (got {value!r})", name)
 
 
-def parse_size(size: str | None, limits: LimitsConfig) -> int:
-    """'WxH' to one side length: images are square, each side within the limits."""
-    if size is None:
-        return limits.default_size
-    match = SIZE_PATTERN.match(size)
-    if not match:
-        raise RequestError(422, f"size: expected 'WxH' such as '64x64' (got {size!r})", "size")
-    w, h = int(match.group(1)), int(match.group(2))
-    if w != h:
-        raise RequestError(422, f"size: images are square, width must equal height (got {size!r})", "size")
-    if not limits.min_size <= w <= limits.max_size:
-        raise RequestError(422, f"size: side must be between {limits.min_size} and {limits.max_size} pixels "
+def parse_size(size: str | None, limits: LimitsConfig) -> tuple[int, int] | None:
+    """'WxH' (or OpenAI's 'auto', or None: the variant's default) as (width, height), each side within the app's
+    limits. Whether the variant's pipeline can make that size its replica decides."""
+    if size is None or size == "auto":
+        return None
+    try:
+        w, h = parse_size_text(size)
+    except ValueError:
+        raise RequestError(422, f"size: expected 'WxH' such as '512x512' or '768x512' (got {size!r})", "size") from None
+    if not (limits.min_size <= w <= limits.max_size and limits.min_size <= h <= limits.max_size):
+        raise RequestError(422, f"size: each side must be between {limits.min_size} and {limits.max_size} pixels "
                                 f"(got {size!r})", "size")
-    return w
+    return w, h
 
 
 def check_limits(req: ImageRequest, limits: LimitsConfig) -> None:
     """Every field within its bound."""
     if not req.prompt.strip() or len(req.prompt) > limits.max_prompt_chars:
         raise RequestError(422, f"prompt: must be 1..{limits.max_prompt_chars} characters (got {len(req.prompt)})", "prompt")
+    if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
+        raise RequestError(422, f"negative_prompt: at most {limits.max_prompt_chars} characters "
+                                f"(got {len(req.negative_prompt)})", "negative_prompt")
     if req.model is not None and not 1 <= len(req.model) <= 64:
         raise RequestError(422, "model: a variant name is 1..64 characters", "model")
     _bounded(req.n, 1, limits.max_n, "n")
     if req.steps is not None:
         _bounded(req.steps, 1, limits.max_steps, "steps")
-    _bounded(float(req.guidance), 0.0, limits.max_guidance, "guidance")
+    if req.guidance is not None:
+        _bounded(float(req.guidance), 0.0, limits.max_guidance, "guidance")
     if req.seed is not None:
         _bounded(req.seed, 0, MAX_SEED, "seed")
     if req.response_format not in RESPONSE_FORMATS:
@@ -115,19 +148,25 @@ def check_limits(req: ImageRequest, limits: LimitsConfig) -> None:
                            "response_format")
     if req.response_format == "png" and req.n != 1:
         raise RequestError(422, f"response_format: 'png' returns one image, so n must be 1 (got n={req.n})", "response_format")
-    if req.stream:
-        raise RequestError(422, "stream: streaming is not supported; omit it or send false", "stream")
+    if req.response_format == "png" and req.stream:
+        raise RequestError(422, "response_format: 'png' returns the image itself, which does not stream; use "
+                                "b64_json with stream", "response_format")
+    if req.partial_images not in (None, 0):
+        raise RequestError(422, f"partial_images: quantserve streams one progress event per denoising step, not "
+                                f"partial images: send 0 or omit it (got {req.partial_images!r})", "partial_images")
     if req.user is not None and len(req.user) > limits.max_user_chars:
         raise RequestError(422, f"user: at most {limits.max_user_chars} characters (got {len(req.user)})", "user")
     parse_size(req.size, limits)
 
 
 def to_job(req: ImageRequest, limits: LimitsConfig, rng: random.Random | None = None) -> dict[str, Any]:
-    """The job a Diffusion replica runs; a seed is drawn when the request gives none (so a shadow can reuse it)."""
+    """The job a Diffusion replica runs (its family fills in the defaults); a seed is drawn when the request gives
+    none, so a shadow can reuse it."""
     seed = req.seed if req.seed is not None else (rng or random).randrange(0, MAX_SEED)
-    return {"prompt": req.prompt, "n": req.n, "size": parse_size(req.size, limits),
-            "steps": req.steps if req.steps is not None else limits.default_steps,
-            "guidance": float(req.guidance), "seed": seed}
+    size = parse_size(req.size, limits)
+    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "n": req.n,
+            "size": f"{size[0]}x{size[1]}" if size else None, "steps": req.steps,
+            "guidance": None if req.guidance is None else float(req.guidance), "seed": seed, "extras": req.extras}
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None,

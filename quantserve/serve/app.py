@@ -40,7 +40,7 @@ def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
 def build_application(cfg: ServeConfig) -> Application:
     """Bind the deployments for a validated config."""
     handles = {}
-    for v in cfg.variants:
+    for i, v in enumerate(cfg.variants):
         handles[v.name] = Diffusion.options(
             name=v.deployment_name,
             ray_actor_options=v.ray_actor_options(),
@@ -50,7 +50,7 @@ def build_application(cfg: ServeConfig) -> Application:
             health_check_period_s=v.health_check_period_s,
             graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
             max_constructor_retry_count=3,  # a model that fails to load fails the deploy soon, with its reason
-        ).bind(v.model_dump(mode="json"))
+        ).bind(v.model_dump(mode="json"), cfg.variant_limits(v.name).to_dict(), i)
     router = ABRouter.options(
         name=ROUTER_DEPLOYMENT,
         num_replicas=cfg.router.num_replicas,

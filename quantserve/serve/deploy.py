@@ -2,7 +2,9 @@
 
 Deploying a Ray Serve config (rather than `serve.run` of a built application) lets Ray tell code changes from config
 changes: deploying again with only the experiment changed reconfigures the ABRouter in place, without restarting any
-replica. `quantserve serve` and the tests use it.
+replica. `quantserve serve` and the tests use it. A Ray Serve config lists every application of the cluster, so a
+submit keeps the other applications already deployed from a config (each with its own name and route prefix) and
+replaces only the one it deploys.
 """
 
 from __future__ import annotations
@@ -29,12 +31,28 @@ def start_serve(cfg: ServeConfig) -> Any:
     return _get_global_client()
 
 
-def submit(cfg: ServeConfig) -> None:
-    """Hand the config to Ray Serve's controller (returns at once; see `wait_running`)."""
+def _other_apps(client: Any, app_name: str) -> list[dict[str, Any]]:
+    """The applications other than `app_name` that the cluster runs from a config (kept by the next deploy)."""
+    details = client.get_serve_details() or {}
+    kept = []
+    for name, app in (details.get("applications") or {}).items():
+        status = str(app.get("status", ""))
+        config = app.get("deployed_app_config")
+        if name == app_name or config is None or status.endswith("DELETING"):
+            continue
+        kept.append({k: v for k, v in dict(config).items() if v is not None})
+    return kept
+
+
+def submit(cfg: ServeConfig, route_prefix: str = "/") -> None:
+    """Hand the config to Ray Serve's controller (returns at once; see `wait_running`); the cluster's other
+    applications stay as they are."""
     from ray.serve.schema import ServeDeploySchema
 
     client = start_serve(cfg)
-    client.deploy_apps(ServeDeploySchema.model_validate(ray_serve_config(cfg)))
+    document = ray_serve_config(cfg, route_prefix)
+    document["applications"] = _other_apps(client, cfg.app_name) + document["applications"]
+    client.deploy_apps(ServeDeploySchema.model_validate(document))
 
 
 def app_status(app_name: str) -> tuple[str, str]:
@@ -67,7 +85,8 @@ def wait_running(app_name: str, timeout_s: float = 600.0, stop: Callable[[], boo
         time.sleep(poll_s)
 
 
-def deploy(cfg: ServeConfig, timeout_s: float = 600.0, stop: Callable[[], bool] | None = None) -> None:
+def deploy(cfg: ServeConfig, timeout_s: float = 600.0, stop: Callable[[], bool] | None = None,
+           route_prefix: str = "/") -> None:
     """Submit the config and wait until the application runs."""
-    submit(cfg)
+    submit(cfg, route_prefix)
     wait_running(cfg.app_name, timeout_s, stop)

@@ -1,20 +1,23 @@
-"""The Diffusion deployment: one per variant. Loads the variant through quantserve at start, batches compatible
-requests with @serve.batch, records the model metrics, and checks its health with a tiny forward."""
+"""The Diffusion deployment: one per variant. Loads the variant through its pipeline family at start, batches
+compatible requests with @serve.batch, streams one request's denoising steps, records the model metrics, and checks
+its health with a tiny forward of the variant's own denoiser."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from ray import serve
 
-from .config import VariantConfig
+from .config import ResolvedLimits, VariantConfig
 from .gemm_probe import GemmProbe
-from .generation import BatchGenerator, BatchStats, error_outcome, load_variant
+from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
 from .metrics import VariantMetrics
+from .protocol import ClientError
 
 
 def _batch_images(jobs: list[dict[str, Any]]) -> int:
@@ -24,14 +27,16 @@ def _batch_images(jobs: list[dict[str, Any]]) -> int:
 
 @serve.deployment(name="Diffusion", graceful_shutdown_timeout_s=5, health_check_timeout_s=30)
 class Diffusion:
-    """Generates images for one variant; the router calls `generate(job)`, /v1/models reads `info()`."""
+    """Generates images for one variant; the router calls `generate(job)` or streams `generate_stream(job)`,
+    /v1/models reads `info()`."""
 
-    def __init__(self, variant: dict[str, Any]):
+    def __init__(self, variant: dict[str, Any], limits: dict[str, Any] | None = None, index: int | None = None):
         self.config = VariantConfig.model_validate(variant)
         torch.set_num_threads(self.config.resources.torch_threads)
-        self.loaded = load_variant(self.config)
-        self.probe = GemmProbe(self.loaded.pipe.transformer, self.config.gemm_sample_every)
-        self.generator = BatchGenerator(self.loaded.pipe, self.config.fail_on_seed, self.probe)
+        field = f"variants.{index}.model" if index is not None else f"variants[{self.config.name}].model"
+        self.loaded = load_variant(self.config, ResolvedLimits.from_dict(limits) if limits else None, field)
+        self.probe = GemmProbe(self.loaded.engine.modules, self.config.gemm_sample_every)
+        self.generator = BatchGenerator(self.loaded, self.config.fail_on_seed, self.probe)
         self.generator.health()  # fail the start, not the first request, when the model cannot compute
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
@@ -40,13 +45,7 @@ class Diffusion:
         self._batched.set_max_batch_size(self.config.batching.max_batch_images)
         self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
 
-    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        """One job's outcome: {"status": 200, "images": [PNG bytes], ...} or an error outcome; never raises."""
-        arrived = time.perf_counter()
-        try:
-            outcome = await self._batched(job)
-        except Exception as exc:  # noqa: BLE001 - e.g. @serve.batch rejecting an oversized job
-            outcome = error_outcome(exc, f"variant {self.config.name}")
+    def _finish(self, outcome: dict[str, Any], arrived: float) -> dict[str, Any]:
         outcome["replica"] = self.replica
         outcome["variant"] = self.config.name
         self.metrics.requests.inc(tags={"status": str(outcome["status"])})
@@ -55,6 +54,64 @@ class Diffusion:
         if outcome["status"] == 200:
             self.metrics.request_latency.observe(time.perf_counter() - arrived)
         return outcome
+
+    def _prepare(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the normalised job, None), or (None, an error outcome) for a job this variant refuses."""
+        try:
+            return self.generator.prepare(job), None
+        except ClientError as exc:
+            return None, client_outcome(exc)
+        except Exception as exc:  # noqa: BLE001
+            return None, error_outcome(exc, f"variant {self.config.name}")
+
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One job's outcome: {"status": 200, "images": [PNG bytes], ...} or an error outcome; never raises."""
+        arrived = time.perf_counter()
+        normal, refused = self._prepare(job)
+        if normal is None:  # refused before it could join a batch: the batch key needs a normalised job
+            return self._finish(refused, arrived)
+        try:
+            outcome = await self._batched(normal)
+        except Exception as exc:  # noqa: BLE001 - e.g. @serve.batch rejecting an oversized job
+            outcome = error_outcome(exc, f"variant {self.config.name}")
+        return self._finish(outcome, arrived)
+
+    async def generate_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one job (called with handle.options(stream=True)): {"event": "error", ...outcome} and nothing more,
+        or {"event": "accepted"}, one {"event": "step", "step": i, "steps": n} per denoising step, and
+        {"event": "done", ...outcome}. The job runs as its own pipeline call, taking turns with the batches."""
+        arrived = time.perf_counter()
+        normal, refused = self._prepare(job)
+        if normal is None:
+            yield {"event": "error", **self._finish(refused, arrived)}
+            return
+        yield {"event": "accepted", "replica": self.replica, "variant": self.config.name,
+               **{k: normal[k] for k in ("n", "size", "steps", "guidance", "seed")}}
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+
+        task = asyncio.ensure_future(asyncio.to_thread(self.generator.run, [normal], on_step))
+        while not task.done():
+            getter = asyncio.ensure_future(steps.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            done, total = getter.result()
+            yield {"event": "step", "step": done, "steps": total}
+        while not steps.empty():  # steps the thread reported before it returned are queued ahead of its result
+            done, total = steps.get_nowait()
+            yield {"event": "step", "step": done, "steps": total}
+        try:
+            outcomes, stats = await task
+            self._record([normal], outcomes, stats)
+            outcome = outcomes[0]
+        except Exception as exc:  # noqa: BLE001
+            outcome = error_outcome(exc, f"variant {self.config.name}")
+        yield {"event": "done", **self._finish(outcome, arrived)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,11 +44,13 @@ def layer_key(module: nn.Module) -> tuple[str, str] | None:
 
 
 class GemmProbe:
-    """Times the GEMM layers of `model` during `sampling()` blocks; `every` > 0 samples one call in `every`."""
+    """Times the GEMM layers of `model` (one module, or several: a pipeline's weight components) during
+    `sampling()` blocks; `every` > 0 samples one call in `every`."""
 
-    def __init__(self, model: nn.Module, every: int = 20):
-        self.model, self.every = model, every
-        self.layers = [(m, key) for m in model.modules() if (key := layer_key(m)) is not None]
+    def __init__(self, model: nn.Module | Sequence[nn.Module], every: int = 20):
+        self.models = [model] if isinstance(model, nn.Module) else list(model)
+        self.every = every
+        self.layers = [(m, key) for root in self.models for m in root.modules() if (key := layer_key(m)) is not None]
         self._count = 0
         self._lock = threading.Lock()
 

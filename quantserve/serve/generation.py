@@ -1,40 +1,32 @@
-"""A variant's model in a replica: load it through quantserve, then generate batches of compatible requests.
+"""A variant's model in a replica: load it through its pipeline family, then generate batches of compatible jobs.
 
-Plain Python with no Ray, so the batching, the per-request outcomes and the fidelity to DigitsPipeline are tested
-without a cluster. A job is a dict (prompt, n, size, steps, guidance, seed); jobs with the same steps and guidance
-run as one batch of images, each job with its own seeds (image i of a job uses seed + i, as DigitsPipeline does).
+Plain Python with no Ray, so the batching, the per-request outcomes and the fidelity to an in-process pipeline call
+are tested without a cluster. The family (serve/protocol.py) normalises each job and says which jobs are compatible;
+compatible jobs run as one pipeline call, each job with its own seeds (image i of a job uses seed + i).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import VariantConfig
+from .config import ResolvedLimits, ServeConfig, VariantConfig
+from .families import resolve
 from .gemm_probe import GemmProbe, GemmSample
+from .protocol import ClientError, ModelSource, ServedPipeline, StepCallback
 
 logger = logging.getLogger("quantserve.serve")
 
-JOB_FIELDS = ("prompt", "n", "size", "steps", "guidance", "seed")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class ClientError(ValueError):
-    """A request the model cannot take (e.g. a prompt it does not know): a 4xx naming the field."""
-
-    def __init__(self, param: str, message: str):
-        self.param = param
-        super().__init__(f"{param}: {message}")
+__all__ = ["BatchGenerator", "BatchStats", "ClientError", "LoadedVariant", "encode_png", "error_outcome",
+           "load_variant", "new_error_id"]
 
 
 def new_error_id() -> str:
@@ -52,13 +44,17 @@ def error_outcome(exc: BaseException, where: str) -> dict[str, Any]:
 
 @dataclass
 class LoadedVariant:
-    """A variant ready to generate: the pipeline, its load report, and the labels metrics carry."""
+    """A variant ready to generate: its served pipeline (the family's), the labels metrics carry, and its limits."""
 
     config: VariantConfig
-    pipe: Any  # quantserve.default_model.DigitsPipeline
-    report: Any  # quantserve.runtime.report.LoadReport
-    model_dir: Path
+    engine: ServedPipeline
+    source: ModelSource
+    limits: ResolvedLimits
     device: str
+
+    @property
+    def report(self) -> Any:
+        return self.engine.report
 
     @property
     def backend(self) -> str:
@@ -76,22 +72,28 @@ class LoadedVariant:
 
     def info(self) -> dict[str, Any]:
         """What GET /v1/models shows for this variant."""
-        report = self.report
-        qconfig = getattr(self.pipe.transformer, "quantserve_config", None)
+        report, engine = self.report, self.engine
+        configs = engine.quantization_configs()
+        denoiser = "transformer" if "transformer" in configs else next(iter(configs), None)
         layers = report.layers
+        components = {name: _component_info(r, configs.get(name))
+                      for name, r in getattr(report, "components", {}).items()}
         return {
             "id": self.config.name,
-            "model": "embedded digits DiT" if self.config.model is None else self.model_dir.name,
+            "model": "embedded digits DiT" if self.config.model is None else self.source.path.name,
+            "family": engine.family,
+            "pipeline_class": engine.pipeline_class,
             "scheme": self.scheme,
             "backend": self.backend,
             "kernel": self.kernel,
-            "quantization_config": qconfig.to_dict() if qconfig is not None else None,
+            "quantization_config": configs.get(denoiser) if denoiser else None,
             "model_bytes": report.model_bytes,
             "bf16_bytes": report.bf16_bytes,
             "ratio": round(report.ratio, 4),
             "dtype": self.config.dtype,
             "device": self.device,
             "load_seconds": round(report.seconds, 3),
+            "limits": self.limits.to_dict(),
             "layers": {
                 "total": len(layers),
                 "quantized": len(report.quantized_layers),
@@ -100,37 +102,26 @@ class LoadedVariant:
                 "formats": dict(Counter(layer.fmt for layer in layers)),
                 "kernel_reasons": dict(Counter(layer.reason for layer in report.quantized_layers if layer.reason)),
             },
+            **({"components": components} if components else {}),
+            **engine.info(),
         }
 
 
-def model_dir_for(config: VariantConfig) -> Path:
-    """The variant's model directory: its `model`, or the embedded digits model."""
-    if config.model is None:
-        from quantserve.default_model import default_model_dir
-
-        return default_model_dir()
-    return Path(config.model).expanduser()
+def _component_info(report: Any, config: Any) -> dict[str, Any]:
+    return {"class": report.model_class, "backend": report.backend, "scheme": report.scheme,
+            "quantization_config": config, "model_bytes": report.model_bytes, "bf16_bytes": report.bf16_bytes,
+            "layers": len(report.layers), "quantized": len(report.quantized_layers)}
 
 
-def load_variant(config: VariantConfig) -> LoadedVariant:
-    """Load the variant's transformer through quantserve.runtime.load_model with its scheme and kernel policy."""
-    from diffusers import DDIMScheduler
-    from quantserve.runtime import load_model
-
-    from quantserve.default_model import DigitsPipeline
-
-    model_dir = model_dir_for(config)
-    for part in ("transformer", "scheduler"):
-        if not (model_dir / part).is_dir():
-            raise FileNotFoundError(f"variants[{config.name}].model: {model_dir} has no {part}/ directory "
-                                    "(expected a diffusers model directory with transformer/ and scheduler/)")
+def load_variant(config: VariantConfig, limits: ResolvedLimits | None = None, field: str | None = None) -> LoadedVariant:
+    """Load a variant through the family that serves its model; a ConfigError names `field` (its model)."""
+    field = field or f"variants[{config.name}].model"
+    limits = limits or ServeConfig(variants=[config]).variant_limits(config.name)
+    family, source = resolve(config.model, field)
+    family.check(source, config, field.rsplit(".", 1)[0])
     device = "cuda" if config.resources.num_gpus > 0 else "cpu"
-    dtype = DTYPES[config.dtype]
-    transformer = load_model(model_dir / "transformer", config.quantization_spec(), device=device, torch_dtype=dtype,
-                             kernel_policy=config.kernel_policy or None)
-    scheduler = DDIMScheduler.from_pretrained(model_dir / "scheduler")
-    pipe = DigitsPipeline(transformer, scheduler, dtype=dtype)
-    return LoadedVariant(config, pipe, transformer.quantserve_report, model_dir, device)
+    engine = family.load(source, config, limits, device)
+    return LoadedVariant(config, engine, source, limits, device)
 
 
 def encode_png(image: Any) -> bytes:
@@ -150,92 +141,91 @@ class BatchStats:
 
 
 class BatchGenerator:
-    """Generates batches of jobs on one loaded pipeline; every job gets its own outcome, never a shared failure
-    unless the batch it ran in failed."""
+    """Generates batches of jobs on one loaded variant; every job gets its own outcome, never a shared failure
+    unless the pipeline call it ran in failed. One pipeline call runs at a time (a lock: batches and streams)."""
 
-    def __init__(self, pipe: Any, fail_on_seed: int | None = None, probe: GemmProbe | None = None):
-        self.pipe, self.fail_on_seed, self.probe = pipe, fail_on_seed, probe
+    def __init__(self, loaded: LoadedVariant, fail_on_seed: int | None = None, probe: GemmProbe | None = None):
+        self.loaded, self.engine = loaded, loaded.engine
+        self.fail_on_seed, self.probe = fail_on_seed, probe
+        self._lock = threading.Lock()
 
-    def _prepare(self, job: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-        from quantserve.default_model import parse_prompts
+    def prepare(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """The job normalised by the variant's family; ClientError names the field it refuses."""
+        if not isinstance(job, Mapping):
+            raise ClientError("body", f"expected a job mapping, got {type(job).__name__}")
+        return self.engine.normalize(job)
 
+    def _check_chaos(self, job: Mapping[str, Any]) -> None:
         if self.fail_on_seed is not None and job["seed"] == self.fail_on_seed:
             raise RuntimeError(f"injected failure: seed {job['seed']} is this variant's fail_on_seed")
-        try:
-            labels = parse_prompts([job["prompt"]] * job["n"])
-        except ValueError as exc:
-            raise ClientError("prompt", str(exc).removeprefix("prompt ")) from None
-        return labels, self.pipe.initial_noise(job["n"], job["seed"], None)
 
-    def _denoise(self, noise: torch.Tensor, labels: list[int], steps: int, guidance: float,
-                 on_step: Callable[[float], None]) -> torch.Tensor:
-        from diffusers import DDIMScheduler
+    def run(self, jobs: Sequence[Mapping[str, Any]], on_step: StepCallback | None = None
+            ) -> tuple[list[dict[str, Any]], BatchStats]:
+        """One outcome per job, in order: {"status": 200, "images": [png bytes], ...} or a 4xx/500 outcome.
 
-        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)  # per call: set_timesteps mutates state
-        scheduler.set_timesteps(steps)
-        x = noise * scheduler.init_noise_sigma
-        y = torch.tensor(labels, dtype=torch.long)
-        for t in scheduler.timesteps:
-            start = time.perf_counter()
-            x = scheduler.step(self.pipe.predict(x, t, y, guidance), t, x).prev_sample
-            on_step(time.perf_counter() - start)
-        return x.clamp(-1.0, 1.0)
-
-    def run(self, jobs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], BatchStats]:
-        """One outcome per job, in order: {"status": 200, "images": [png bytes], ...} or a 4xx/500 outcome."""
-        from quantserve.default_model.pipeline import to_pil
-
+        `on_step(step, steps)` is called after every denoising step of every group (a stream runs one job)."""
         start = time.perf_counter()
         stats = BatchStats()
         outcomes: list[dict[str, Any] | None] = [None] * len(jobs)
-        groups: dict[tuple[int, float], list[tuple[int, list[int], torch.Tensor]]] = {}
+        groups: dict[Hashable, list[tuple[int, dict[str, Any]]]] = {}
         for i, job in enumerate(jobs):
             try:
-                labels, noise = self._prepare(job)
+                normal = self.prepare(job)
+                self._check_chaos(normal)
             except ClientError as exc:
-                outcomes[i] = {"status": 422, "param": exc.param, "message": str(exc)}
+                outcomes[i] = client_outcome(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - one job's failure is that job's 500, not the batch's
                 outcomes[i] = error_outcome(exc, "the model replica")
                 continue
-            groups.setdefault((job["steps"], float(job["guidance"])), []).append((i, labels, noise))
+            groups.setdefault(self.engine.batch_key(normal), []).append((i, normal))
         sampling = self.probe is not None and bool(groups) and self.probe.due()
-        for (steps, guidance), members in groups.items():
+        for members in groups.values():
+            group = [job for _, job in members]
             try:
-                labels = [label for _, ls, _ in members for label in ls]
-                noise = torch.cat([nz for _, _, nz in members])
-                with torch.inference_mode():
-                    if sampling:
-                        with self.probe.sampling() as gemm:
-                            pixels = self._denoise(noise, labels, steps, guidance, stats.step_seconds.append)
-                        for key, sample in gemm.items():
-                            total = stats.gemm.setdefault(key, GemmSample(*key))
-                            total.calls += sample.calls
-                            total.flops += sample.flops
-                            total.seconds += sample.seconds
-                    else:
-                        pixels = self._denoise(noise, labels, steps, guidance, stats.step_seconds.append)
-                offset = 0
-                for i, ls, _ in members:
-                    job = jobs[i]
-                    images = to_pil(pixels[offset:offset + len(ls)], job["size"])
-                    offset += len(ls)
-                    outcomes[i] = {"status": 200, "images": [encode_png(im) for im in images],
-                                   "labels": ls, "seed": job["seed"], "steps": steps}
-                    stats.images += len(ls)
-            except Exception as exc:  # noqa: BLE001 - a failed batch answers each of its jobs with a 500
+                results = self._run_group(group, stats, sampling, on_step)
+                for (i, job), result in zip(members, results, strict=True):
+                    outcomes[i] = {"status": 200, "images": [encode_png(im) for im in result.images],
+                                   "seed": job["seed"], "steps": job["steps"], "guidance": job["guidance"],
+                                   "size": job["size"], **result.meta}
+                    stats.images += job["n"]
+            except Exception as exc:  # noqa: BLE001 - a failed pipeline call answers each of its jobs with a 500
                 failed = error_outcome(exc, "the model replica")
-                for i, _, _ in members:
+                for i, _ in members:
                     outcomes[i] = dict(failed)
         stats.seconds = time.perf_counter() - start
         assert all(o is not None for o in outcomes)
         return outcomes, stats  # type: ignore[return-value]
 
+    def _run_group(self, group: list[dict[str, Any]], stats: BatchStats, sampling: bool,
+                   on_step: StepCallback | None) -> list[Any]:
+        last = [time.perf_counter()]
+
+        def step(done: int, steps: int) -> None:
+            now = time.perf_counter()
+            stats.step_seconds.append(now - last[0])
+            last[0] = now
+            if on_step is not None:
+                on_step(done, steps)
+
+        with self._lock:
+            last[0] = time.perf_counter()
+            if not sampling:
+                return self.engine.run(group, step)
+            assert self.probe is not None
+            with self.probe.sampling() as gemm:
+                results = self.engine.run(group, step)
+            for key, sample in gemm.items():
+                total = stats.gemm.setdefault(key, GemmSample(*key))
+                total.calls += sample.calls
+                total.flops += sample.flops
+                total.seconds += sample.seconds
+            return results
+
     def health(self) -> None:
-        """A tiny forward (one image, one timestep); raises when the model cannot compute or returns non-finite."""
-        pipe = self.pipe
-        x = torch.zeros(1, 1, pipe.sample_size, pipe.sample_size)
-        with torch.inference_mode():
-            out = pipe.predict(x, torch.tensor(500), torch.tensor([0]), 1.0)
-        if not torch.isfinite(out).all():
-            raise RuntimeError("health check: the model's output is not finite")
+        """A tiny real forward of the variant's denoiser; raises when it cannot compute or returns non-finite."""
+        self.engine.health()
+
+
+def client_outcome(exc: ClientError) -> dict[str, Any]:
+    return {"status": exc.status, "param": exc.param, "message": str(exc)}

@@ -1,26 +1,31 @@
 """The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API.
 
 POST /v1/images/generations, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz, GET /readyz.
-Every response carries X-Quantserve-Variant (the variant that served it, or 'none').
+Every response carries X-Quantserve-Variant (the variant that served it, or 'none'). With `stream: true` the answer
+is server-sent events in the shape of OpenAI's streaming images API: one `image_generation.progress` event per
+denoising step, then one `image_generation.completed` event per image (or an `error` event).
 No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations of the methods.
 """
 
 
 import asyncio
 import base64
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .ab import FORCE_HEADER
 from .api_schema import RequestError, error_body, parse_body, to_job
 from .config import LimitsConfig
+from .families import known_extra_fields
 from .generation import new_error_id
 from .metrics import IngressMetrics
 
@@ -77,6 +82,11 @@ async def _awaited(response: Any) -> Any:
     return await response
 
 
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event: its type on the `event:` line, the JSON on one `data:` line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Ingress:
@@ -85,6 +95,7 @@ class Ingress:
     def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0):
         self.router = router
         self.limits = LimitsConfig.model_validate(limits)
+        self.extra_fields = known_extra_fields()
         self.request_timeout_s = request_timeout_s
         self.metrics = IngressMetrics()
 
@@ -102,13 +113,17 @@ class Ingress:
         path = "/v1/images/generations"
         try:
             body = await read_bounded(request, self.limits.max_body_bytes)
-            req = parse_body(body, self.limits)
+            req = parse_body(body, self.limits, self.extra_fields)
         except RequestError as exc:
             return self._error(path, exc.status, str(exc), exc.param, exc.code)
         job = to_job(req, self.limits)
         headers = dict([(k.lower(), v[:256]) for k, v in request.headers.items()
                         if k.lower() not in PRIVATE_HEADERS][:MAX_FORWARDED_HEADERS])  # for a header sticky key
         forced = request.headers.get(FORCE_HEADER)
+        if req.stream:
+            stream = self.router.options(stream=True).generate_stream.remote(
+                job, model=req.model, forced=forced, user=req.user, headers=headers)
+            return await self._stream(path, job, stream)
         response = self.router.generate.remote(job, model=req.model, forced=forced, user=req.user, headers=headers)
         try:
             outcome = await asyncio.wait_for(_awaited(response), self.request_timeout_s)
@@ -119,15 +134,79 @@ class Ingress:
             return self._internal_error(path, "the router")
         return self._answer(path, req, job, outcome)
 
+    def _refused(self, path: str, outcome: dict[str, Any]) -> JSONResponse:
+        """The error response for an outcome whose status is not 200."""
+        status = outcome["status"]
+        headers = {"Retry-After": str(outcome.get("retry_after_s", 1))} if status == 503 else None
+        return self._error(path, status, outcome.get("message", "error"), outcome.get("param"), outcome.get("code"),
+                           outcome.get("variant", NO_VARIANT), outcome.get("error_id"), headers)
+
+    @staticmethod
+    def _headers(outcome: dict[str, Any], job: dict[str, Any]) -> dict[str, str]:
+        return {VARIANT_HEADER: outcome.get("variant", NO_VARIANT),
+                "X-Quantserve-Assignment": outcome.get("assignment", ""),
+                "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"])}
+
+    async def _stream(self, path: str, job: dict[str, Any], stream: Any) -> Response:
+        """Wait for the variant to accept the job (a refusal is a plain error response), then stream its events."""
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            return self._error(path, 504, f"no answer within {self.request_timeout_s} s", code="timeout")
+        except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
+            return self._internal_error(path, "the router")
+        if first["event"] == "error":
+            return self._refused(path, first)
+        variant = first.get("variant", NO_VARIANT)
+        self.metrics.responded(path, 200, variant)
+        headers = {**self._headers(first, job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(self._events(first, stream), media_type="text/event-stream", headers=headers)
+
+    async def _events(self, accepted: dict[str, Any], stream: Any) -> AsyncIterator[bytes]:
+        """progress per step, completed per image; an error event when the job fails or stalls."""
+        size, variant = accepted["size"], accepted.get("variant", NO_VARIANT)
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.__anext__(), self.request_timeout_s)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                stream.cancel()
+                yield sse("error", {"type": "error", **error_body(f"no event within {self.request_timeout_s} s", 504,
+                                                                   code="timeout")})
+                return
+            except Exception:  # noqa: BLE001
+                error_id = new_error_id()
+                logger.exception("error %s: the stream from the router failed", error_id)
+                yield sse("error", {"type": "error", **error_body(f"internal error (error id {error_id})", 500,
+                                                                   code="internal_error", error_id=error_id)})
+                return
+            now = int(time.time())
+            if item["event"] == "step":
+                yield sse("image_generation.progress", {
+                    "type": "image_generation.progress", "created_at": now, "step": item["step"],
+                    "steps": item["steps"], "size": size, "model": variant})
+            elif item["event"] == "done" and item["status"] == 200:
+                for i, png in enumerate(item["images"]):
+                    yield sse("image_generation.completed", {
+                        "type": "image_generation.completed", "created_at": now, "image_index": i,
+                        "b64_json": base64.b64encode(png).decode("ascii"), "size": item.get("size", size),
+                        "output_format": "png", "background": "opaque", "quality": "auto", "model": variant,
+                        "quantserve": {"seed": item["seed"] + i, "steps": item["steps"], "guidance": item["guidance"],
+                                       "replica": item.get("replica")}})
+            elif item["event"] in ("done", "error"):
+                body = error_body(item.get("message", "error"), item["status"], item.get("param"), item.get("code"),
+                                  item.get("error_id"))
+                yield sse("error", {"type": "error", **body})
+                return
+
     def _answer(self, path: str, req: Any, job: dict[str, Any], outcome: dict[str, Any]) -> Response:
         status = outcome["status"]
         variant = outcome.get("variant", NO_VARIANT)
         if status != 200:
-            headers = {"Retry-After": str(outcome.get("retry_after_s", 1))} if status == 503 else None
-            return self._error(path, status, outcome.get("message", "error"), outcome.get("param"),
-                               outcome.get("code"), variant, outcome.get("error_id"), headers)
-        headers = {VARIANT_HEADER: variant, "X-Quantserve-Assignment": outcome.get("assignment", ""),
-                   "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"])}
+            return self._refused(path, outcome)
+        headers = self._headers(outcome, job)
         self.metrics.responded(path, 200, variant)
         if req.response_format == "png":
             return Response(outcome["images"][0], media_type="image/png", headers=headers)
@@ -136,11 +215,12 @@ class Ingress:
             "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": None}
                      for png in outcome["images"]],
             "output_format": "png",
-            "size": f"{job['size']}x{job['size']}",
+            "size": outcome.get("size"),
             "model": variant,
             "quantserve": {"variant": variant, "assignment": outcome.get("assignment"), "seed": job["seed"],
-                           "steps": job["steps"], "guidance": job["guidance"], "replica": outcome.get("replica"),
-                           "labels": outcome.get("labels")},
+                           "steps": outcome.get("steps"), "guidance": outcome.get("guidance"),
+                           "replica": outcome.get("replica"),
+                           **({"labels": outcome["labels"]} if "labels" in outcome else {})},
         }
         return JSONResponse(body, headers=headers)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ray import serve
@@ -96,13 +96,48 @@ class ABRouter:
     async def _call(self, variant: str, job: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.handles[variant].generate.remote(job)
-        except (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+        except Exception as exc:  # noqa: BLE001 - always an outcome, never silence
+            return self._failure(variant, exc)
+
+    def _failure(self, variant: str, exc: Exception) -> dict[str, Any]:
+        """A full queue is a 503 with Retry-After; any other error in a replica is a 500 with an id."""
+        if isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)):
             self.metrics.rejected(variant)
             return {"status": 503, "retry_after_s": self.retry_after_s, "code": "overloaded",
                     "message": f"variant {variant} is at capacity (its queue is full); retry after "
                                f"{self.retry_after_s} s ({type(exc).__name__})"}
-        except Exception as exc:  # noqa: BLE001 - an error in a replica is a 500 with an id, never silence
-            return error_outcome(exc, f"variant {variant}")
+        return error_outcome(exc, f"variant {variant}")
+
+    async def generate_stream(self, job: dict[str, Any], model: str | None = None, forced: str | None = None,
+                              user: str | None = None, headers: Mapping[str, str] | None = None
+                              ) -> AsyncIterator[dict[str, Any]]:
+        """Assign, then pass the variant's stream through (called with handle.options(stream=True)): an
+        {"event": "error", ...outcome} alone, or accepted, one step event per denoising step, and done. Every item
+        names the variant and why it was chosen; a done 200 may be shadowed like a plain request."""
+        splitter = self.splitter
+        try:
+            assignment = splitter.assign(requested=model, forced=forced, sticky_id=splitter.sticky_id(user, headers))
+        except UnknownVariantError as exc:
+            param = "model" if exc.field_name == "model" else exc.field_name
+            yield {"event": "error", "status": 404, "param": param, "message": str(exc), "code": "model_not_found"}
+            return
+        variant = assignment.variant
+        self.metrics.assigned(variant, assignment.reason)
+        self.counts[variant][assignment.reason] += 1
+        stamp = {"variant": variant, "assignment": assignment.reason}
+        started = False
+        try:
+            async for item in self.handles[variant].options(stream=True).generate_stream.remote(job):
+                started = True
+                item.update(stamp)
+                if item["event"] == "done" and item["status"] == 200 and (
+                        shadow := splitter.shadow_for(assignment)) is not None:
+                    task = asyncio.get_running_loop().create_task(self._shadow(variant, shadow, job, item["images"]))
+                    self.shadow_tasks.add(task)
+                    task.add_done_callback(self.shadow_tasks.discard)
+                yield item
+        except Exception as exc:  # noqa: BLE001 - before the first event an error alone; after, the stream's end
+            yield {"event": "done" if started else "error", **self._failure(variant, exc), **stamp}
 
     async def _shadow(self, variant: str, shadow: str, job: dict[str, Any], images: list[bytes]) -> None:
         """Run the same job (same seed) on the shadow variant and record the pixel difference."""

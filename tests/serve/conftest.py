@@ -1,7 +1,9 @@
-"""One Ray instance and one running test application for the whole serve test session.
+"""One Ray instance and the running test applications for the whole serve test session.
 
-Ray starts once (2 CPUs, no dashboard, its metrics agent on a free port) and the app deploys once through the same
-path as `quantserve serve` (a Ray Serve config, so the experiment can change live); every HTTP test shares it.
+Ray starts once (2 CPUs, no dashboard, its metrics agent on a free port), Serve's HTTP proxy once on a free port,
+and each app deploys once through the same path as `quantserve serve` (a Ray Serve config, so the experiment can
+change live): the digits app at `/`, and, for the pipeline tests, a tiny-FLUX app at `/t2i` beside it (Serve has one
+proxy, so the apps share its port and differ by name and route prefix). Every HTTP test shares them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from .helpers import APP_NAME, free_port, make_test_config, wait_for
+from .helpers import APP_NAME, T2I_APP_NAME, T2I_PREFIX, free_port, make_t2i_config, make_test_config, wait_for
 
 
 @dataclass
@@ -67,15 +69,40 @@ def ray_cluster() -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture(scope="session")
-def app(ray_cluster: dict[str, int]) -> RunningApp:
+def serve_port(ray_cluster: dict[str, int]) -> int:
+    """Serve's HTTP proxy, started once on a free port: every app of the session answers there."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
+def app(ray_cluster: dict[str, int], serve_port: int) -> RunningApp:
     """The test application (bf16, nf4 and 'tight'), deployed once and shared."""
     from quantserve.serve.config import parse_config
     from quantserve.serve.deploy import deploy
 
-    port = free_port()
+    port = serve_port
     config = make_test_config(port)
     deploy(parse_config(config), timeout_s=300)
     running = RunningApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics",
                          port, config)
     wait_for(lambda: running.get("/readyz").status_code == 200, 120, f"{APP_NAME} to be ready")
+    return running
+
+
+@pytest.fixture(scope="session")
+def t2i_app(ray_cluster: dict[str, int], serve_port: int) -> RunningApp:
+    """A second application in the same Serve instance: the tiny FLUX pipeline, unquantized and with
+    {transformer: nf4, text_encoder_2: int8wo}, float32, at route prefix /t2i."""
+    from quantserve.serve.config import parse_config
+    from quantserve.serve.deploy import deploy
+
+    config = make_t2i_config(serve_port)
+    deploy(parse_config(config), timeout_s=300, route_prefix=T2I_PREFIX)
+    running = RunningApp(f"http://127.0.0.1:{serve_port}{T2I_PREFIX}",
+                         f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics", serve_port, config)
+    wait_for(lambda: running.get("/readyz").status_code == 200, 120, f"{T2I_APP_NAME} to be ready")
     return running

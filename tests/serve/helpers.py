@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -16,6 +17,40 @@ from PIL import Image
 MODEL_DIR = os.environ.get("QUANTSERVE_SERVE_TEST_MODEL") or None
 APP_NAME = "quantserve-test"
 FAIL_SEED = 13  # the "tight" variant fails requests with this seed (its fail_on_seed)
+T2I_APP_NAME = "quantserve-t2i"
+T2I_PREFIX = "/t2i"
+T2I_QUANTIZATION = {"transformer": "nf4", "text_encoder_2": "int8wo"}
+T2I_THREADS = 1  # the replicas' torch threads; in-process comparisons set the same
+
+
+def tiny_pipeline_dir(family: str) -> Path:
+    """The session's tiny pipeline directory of a family (float32, built once, read-only)."""
+    from tests.pipelines_fixtures import tiny_pipeline_dir as built
+
+    return built(family)
+
+
+def tiny_flux_dir() -> str:
+    return str(tiny_pipeline_dir("flux"))
+
+
+def t2i_variants() -> list[dict[str, Any]]:
+    """The tiny FLUX pipeline unquantized and with its transformer in NF4 and its T5 in int8, in float32."""
+    common = {"model": tiny_flux_dir(), "dtype": "float32", "gemm_sample_every": 0,
+              "resources": {"num_cpus": 0, "torch_threads": T2I_THREADS}}
+    return [{"name": "flux", "quantization": "bf16", **common},
+            {"name": "flux-nf4", "quantization": T2I_QUANTIZATION, **common}]
+
+
+def make_t2i_config(port: int) -> dict[str, Any]:
+    return {
+        "app_name": T2I_APP_NAME,
+        "variants": t2i_variants(),
+        "experiment": {"weights": {"flux": 1.0, "flux-nf4": 0.0}},
+        "http": {"host": "127.0.0.1", "port": port},
+        "limits": {"max_steps": 20, "default_steps": 4, "max_n": 2, "max_size": 128, "min_size": 16, "default_size": 32},
+        "request_timeout_s": 60,
+    }
 
 
 def free_port() -> int:

@@ -22,32 +22,44 @@ def body(**fields: object) -> bytes:
     return json.dumps({"prompt": "7", **fields}).encode()
 
 
-def test_defaults_fill_the_job() -> None:
+def test_the_job_leaves_defaults_to_the_variant() -> None:
     req = parse_body(body(), LIMITS)
     job = to_job(req, LIMITS, random.Random(1))
-    assert job["prompt"] == "7" and job["n"] == 1 and job["size"] == LIMITS.default_size
-    assert job["steps"] == LIMITS.default_steps and job["guidance"] == 1.0
+    assert job["prompt"] == "7" and job["n"] == 1 and job["negative_prompt"] is None and job["extras"] == {}
+    assert job["size"] is None and job["steps"] is None and job["guidance"] is None  # the replica's family fills them
     assert 0 <= job["seed"] < 2**31
-    assert to_job(parse_body(body(seed=9, size="16x16", steps=3), LIMITS), LIMITS)["seed"] == 9
+    job = to_job(parse_body(body(seed=9, size="96x64", steps=3, guidance=2, negative_prompt="blur",
+                                 max_sequence_length=32), LIMITS, {"max_sequence_length"}), LIMITS)
+    assert (job["seed"], job["size"], job["steps"], job["guidance"]) == (9, "96x64", 3, 2.0)
+    assert job["negative_prompt"] == "blur" and job["extras"] == {"max_sequence_length": 32}
+    assert to_job(parse_body(body(size="auto"), LIMITS), LIMITS)["size"] is None  # OpenAI's "auto": the default
 
 
 def test_openai_fields_that_quantserve_produces_are_accepted() -> None:
     req = parse_body(body(model="nf4", n=2, size="32x32", response_format="b64_json", output_format="png",
                           stream=False, user="u-1"), LIMITS)
     assert (req.model, req.n, req.user) == ("nf4", 2, "u-1")
+    req = parse_body(body(stream=True, partial_images=0), LIMITS)
+    assert req.stream is True
 
 
 @pytest.mark.parametrize(("fields", "status", "param"), [
     ({"n": 5}, 422, "n"), ({"n": True}, 422, "n"), ({"n": 1.5}, 422, "n"),
     ({"steps": 101}, 422, "steps"), ({"guidance": -1}, 422, "guidance"), ({"seed": 2**31}, 422, "seed"),
-    ({"size": "8x9"}, 422, "size"), ({"size": "1x1"}, 422, "size"), ({"size": "64"}, 422, "size"),
+    ({"size": "8x7"}, 422, "size"), ({"size": "1x1"}, 422, "size"), ({"size": "64"}, 422, "size"),
+    ({"size": "64x64 "}, 422, "size"), ({"size": "64x64x64"}, 422, "size"), ({"size": "513x64"}, 422, "size"),
     ({"response_format": "url"}, 422, "response_format"), ({"output_format": "jpeg"}, 422, "output_format"),
-    ({"stream": True}, 422, "stream"), ({"user": "u" * 200}, 422, "user"), ({"prompt": ""}, 422, "prompt"),
+    ({"stream": "yes"}, 422, "stream"), ({"stream": True, "response_format": "png"}, 422, "response_format"),
+    ({"partial_images": 2}, 422, "partial_images"), ({"negative_prompt": 3}, 422, "negative_prompt"),
+    ({"negative_prompt": "x" * 2000}, 422, "negative_prompt"),
+    ({"user": "u" * 200}, 422, "user"), ({"prompt": ""}, 422, "prompt"),
     ({"prompt": 7}, 422, "prompt"), ({"device": "cuda:0"}, 422, "device"), ({"model_path": "/etc"}, 422, "model_path"),
+    ({"max_sequence_length": [1]}, 422, "max_sequence_length"), ({"max_sequence_length": "x" * 300}, 422,
+                                                                 "max_sequence_length"),
 ])
 def test_every_field_is_bounded(fields: dict, status: int, param: str) -> None:
     with pytest.raises(RequestError) as info:
-        parse_body(body(**fields), LIMITS)
+        parse_body(body(**fields), LIMITS, {"max_sequence_length"})
     assert info.value.status == status and info.value.param == param
     assert param in str(info.value)
 
@@ -65,9 +77,9 @@ def test_body_level_errors() -> None:
 
 
 def test_size_parsing() -> None:
-    assert parse_size(None, LIMITS) == LIMITS.default_size
-    assert parse_size("128x128", LIMITS) == 128
-    assert parse_size("512x512", LIMITS) == 512
+    assert parse_size(None, LIMITS) is None and parse_size("auto", LIMITS) is None
+    assert parse_size("128x128", LIMITS) == (128, 128)
+    assert parse_size("512x256", LIMITS) == (512, 256)  # width x height, not only square
 
 
 def test_error_body_is_openai_shaped() -> None:

@@ -1,4 +1,5 @@
-"""A variant in a replica, without Ray: loading through quantserve, batching, per-job outcomes, GEMM sampling."""
+"""A digits variant in a replica, without Ray: loading through its family, batching, per-job outcomes, GEMM
+sampling. (The text-to-image family: test_text_to_image.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from PIL import Image
-from quantserve.serve.config import VariantConfig
+from quantserve.serve.config import ConfigError, VariantConfig
 from quantserve.serve.fidelity import pixel_difference
 from quantserve.serve.gemm_probe import GemmProbe
 from quantserve.serve.generation import (
@@ -41,12 +42,13 @@ def nf4() -> LoadedVariant:
 
 
 def job(prompt: str = "7", n: int = 1, size: int = 16, steps: int = 4, guidance: float = 1.0, seed: int = 0) -> dict:
-    return {"prompt": prompt, "n": n, "size": size, "steps": steps, "guidance": guidance, "seed": seed}
+    return {"prompt": prompt, "n": n, "size": f"{size}x{size}", "steps": steps, "guidance": guidance, "seed": seed}
 
 
 def test_loaded_variants_report_scheme_bytes_and_kernels(bf16: LoadedVariant, nf4: LoadedVariant) -> None:
     b, q = bf16.info(), nf4.info()
     assert (b["scheme"], b["backend"], b["kernel"], b["quantization_config"]) == ("bf16", "none", "torch", None)
+    assert (b["family"], b["pipeline_class"], b["extras"], b["negative_prompt"]) == ("digits", "DigitsPipeline", {}, False)
     assert (q["scheme"], q["backend"]) == ("nf4", "bitsandbytes")
     assert q["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert q["layers"]["quantized"] == q["layers"]["total"] > 0
@@ -55,37 +57,44 @@ def test_loaded_variants_report_scheme_bytes_and_kernels(bf16: LoadedVariant, nf
 
 def test_a_batch_gives_each_job_what_the_pipeline_gives_it_alone(nf4: LoadedVariant) -> None:
     jobs = [job("7", n=2, seed=3), job("three", n=1, size=32, seed=5), job("1", steps=2, guidance=2.0, seed=8)]
-    outcomes, stats = BatchGenerator(nf4.pipe).run(jobs)
+    outcomes, stats = BatchGenerator(nf4).run(jobs)
     assert [o["status"] for o in outcomes] == [200, 200, 200]
     assert [o["labels"] for o in outcomes] == [[7, 7], [3], [1]]
     assert stats.images == 4 and len(stats.step_seconds) == 4 + 2  # two groups: (4 steps, 1.0) and (2 steps, 2.0)
     for j, outcome in zip(jobs, outcomes):
-        alone = nf4.pipe([j["prompt"]] * j["n"], seed=j["seed"], num_inference_steps=j["steps"],
-                         guidance_scale=j["guidance"], image_size=j["size"])
+        side = int(j["size"].split("x")[0])
+        alone = nf4.engine.pipe([j["prompt"]] * j["n"], seed=j["seed"], num_inference_steps=j["steps"],
+                                guidance_scale=j["guidance"], image_size=side)
         assert pixel_difference(outcome["images"], [encode_png(im) for im in alone.images]) < 0.02
-        assert Image.open(io.BytesIO(outcome["images"][0])).size == (j["size"], j["size"])
+        assert Image.open(io.BytesIO(outcome["images"][0])).size == (side, side)
+        assert outcome["size"] == j["size"]
 
 
 def test_one_bad_job_does_not_fail_its_batch(bf16: LoadedVariant) -> None:
-    generator = BatchGenerator(bf16.pipe, fail_on_seed=13)
-    outcomes, _ = generator.run([job(seed=1), job("a cat"), job(seed=13), job("2", seed=2)])
-    assert [o["status"] for o in outcomes] == [200, 422, 500, 200]
+    generator = BatchGenerator(bf16, fail_on_seed=13)
+    outcomes, _ = generator.run([job(seed=1), job("a cat"), job(seed=13), job("2", seed=2),
+                                 {**job(), "size": "32x16"}, {**job(), "negative_prompt": "1"},
+                                 {**job(), "extras": {"max_sequence_length": 8}}])
+    assert [o["status"] for o in outcomes] == [200, 422, 500, 200, 422, 422, 422]
     assert outcomes[1]["param"] == "prompt" and "a cat" in outcomes[1]["message"]
+    assert outcomes[4]["param"] == "size" and "square" in outcomes[4]["message"]
+    assert outcomes[5]["param"] == "negative_prompt"
+    assert outcomes[6]["param"] == "max_sequence_length" and "digits" in outcomes[6]["message"]
     assert outcomes[2]["error_id"] in outcomes[2]["message"]
     generator.health()
 
 
 def test_gemm_probe_times_the_layers_by_backend_and_kernel(bf16: LoadedVariant, nf4: LoadedVariant) -> None:
     for loaded, key in ((bf16, ("dense", "torch")), (nf4, ("bitsandbytes", "cpu_fused"))):
-        probe = GemmProbe(loaded.pipe.transformer, every=2)
-        generator = BatchGenerator(loaded.pipe, probe=probe)
+        probe = GemmProbe(loaded.engine.modules, every=2)
+        generator = BatchGenerator(loaded, probe=probe)
         _, sampled = generator.run([job()])
         _, skipped = generator.run([job()])
         assert set(sampled.gemm) == {key}
         sample = sampled.gemm[key]
         assert sample.calls > 0 and sample.flops > 0 and sample.gflops > 0
         assert skipped.gemm == {}
-    assert not GemmProbe(bf16.pipe.transformer, every=0).due()
+    assert not GemmProbe(bf16.engine.pipe.transformer, every=0).due()
 
 
 def test_kernel_policy_reaches_the_router() -> None:
@@ -98,7 +107,7 @@ def test_kernel_policy_reaches_the_router() -> None:
     assert all(layer.kernel != "reference" for layer in others)
     assert loaded.info()["layers"]["kernels"]["reference"] == len(forced)
     assert sum(loaded.info()["layers"]["kernel_reasons"].values()) == len(loaded.report.quantized_layers)
-    outcomes, _ = BatchGenerator(loaded.pipe).run([job()])
+    outcomes, _ = BatchGenerator(loaded).run([job()])
     assert outcomes[0]["status"] == 200
 
 
@@ -108,9 +117,12 @@ def test_a_kernel_the_runtime_does_not_know_fails_the_load_naming_the_policy() -
         load_variant(config)
 
 
-def test_a_missing_model_directory_names_the_variant(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"variants\[gone\]\.model: .* has no transformer/"):
+def test_a_directory_no_family_serves_names_the_variant(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"variants\[gone\]\.model: .* not a pipeline directory .*supported pipeline "
+                                          r"classes: DigitsPipeline, FluxPipeline"):
         load_variant(VariantConfig(name="gone", model=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"variants\[gone\]\.model: .* is not a directory"):
+        load_variant(VariantConfig(name="gone", model=str(tmp_path / "missing")))
 
 
 def test_pixel_difference() -> None:

@@ -94,7 +94,10 @@ def test_health_and_readiness(app: RunningApp) -> None:
     ({"prompt": "7", "seed": -1}, 422, "seed"),
     ({"prompt": "7", "response_format": "url"}, 422, "response_format"),
     ({"prompt": "7", "n": 2, "response_format": "png"}, 422, "response_format"),
-    ({"prompt": "7", "stream": True}, 422, "stream"),
+    ({"prompt": "7", "stream": "yes"}, 422, "stream"),
+    ({"prompt": "7", "stream": True, "partial_images": 1}, 422, "partial_images"),
+    ({"prompt": "7", "negative_prompt": "8"}, 422, "negative_prompt"),  # the digits model takes none
+    ({"prompt": "7", "max_sequence_length": 16}, 422, "max_sequence_length"),  # an extra FLUX takes, digits not
     ({"prompt": "x" * 100}, 422, "prompt"),
     ({"prompt": "a cat"}, 422, "prompt"),  # reaches a replica: the model knows digits only
     ({"prompt": "7", "model": "no-such-variant"}, 404, "model"),
@@ -111,6 +114,19 @@ def test_client_errors_name_the_field(app: RunningApp, body: object, status: int
     error = r.json()["error"]
     assert field in error["message"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_the_digits_model_streams_its_steps_too(app: RunningApp) -> None:
+    body = {"prompt": "7", "steps": 3, "size": "16x16", "seed": 2, "stream": True}
+    with requests.post(f"{app.url}/v1/images/generations", json=body, headers={FORCE: "bf16"}, stream=True,
+                       timeout=60) as r:
+        assert r.status_code == 200 and r.headers[VARIANT] == "bf16"
+        lines = [line for line in r.iter_lines(decode_unicode=True) if line.startswith("event: ")]
+    assert lines == ["event: image_generation.progress"] * 3 + ["event: image_generation.completed"]
+    plain = app.post({k: v for k, v in body.items() if k != "stream"}, headers={FORCE: "bf16"})
+    assert plain.status_code == 200
+    bad = requests.post(f"{app.url}/v1/images/generations", json={**body, "prompt": "a cat"}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "prompt"  # refused before the stream
 
 
 def test_forcing_an_unknown_variant_is_404(app: RunningApp) -> None:
