@@ -40,6 +40,15 @@ def test_example_config_loads() -> None:
     assert cfg.experiment.sticky_key == "user"
 
 
+def test_flux_example_config_loads() -> None:
+    cfg = load_config(EXAMPLE.with_name("serve-flux.yaml"))
+    assert cfg.variant_names == ["bf16", "nf4-int8"]
+    assert cfg.variant("nf4-int8").quantization_spec() == {"transformer": "nf4", "text_encoder_2": "int8wo"}
+    assert cfg.variant("nf4-int8").scheme_label == "transformer=nf4,text_encoder_2=int8wo"
+    limits = cfg.variant_limits("nf4-int8")
+    assert (limits.default_width, limits.default_height, limits.default_steps) == (1024, 1024, 4)
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"variants": []}, "variants: List should have at least 1 item"),
     ({}, "variants: Field required"),
