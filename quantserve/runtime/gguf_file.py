@@ -1,7 +1,9 @@
 """GGUF files: `GGUFSource` reads one (memory-mapped, quantized weights stay packed), `write_gguf` writes one.
 
-Tensor names are the diffusers state-dict names. GGUF stores dimensions innermost first (ggml's ne[0] is the row
-length); everything here speaks torch order, so a Linear weight is (out_features, in_features) on both sides.
+Tensor names are the diffusers state-dict names; a FLUX file in Black Forest Labs' naming (community files) is
+presented under diffusers' names, fused tensors split by rows without dequantizing (`gguf_names`). GGUF stores
+dimensions innermost first (ggml's ne[0] is the row length); everything here speaks torch order, so a Linear weight
+is (out_features, in_features) on both sides.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class GGUFSource(TensorSource):
     """The tensors of one .gguf file by their (diffusers state-dict) names; the file is memory-mapped, and
     quantized tensors are handed out as their raw ggml blocks without copying."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], config: Mapping[str, Any] | None = None):
+        """`config`: the model's config.json, which a BFL-named FLUX file's block counts are checked against."""
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such .gguf file")
@@ -102,10 +105,23 @@ class GGUFSource(TensorSource):
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc}): "
                                   "truncated or damaged") from exc
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self._views: dict[str, Any] | None = None  # diffusers name -> gguf_names.View, for a BFL-named FLUX file
+        from .gguf_names import bfl_flux_views, is_bfl_flux
+
+        arch = self._reader.fields.get("general.architecture")
+        try:
+            arch = arch.contents() if arch is not None else None
+        except Exception:
+            arch = None
+        if is_bfl_flux(list(self._tensors), arch):
+            if config is not None and config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
+                raise CheckpointError(f"{self.path}: a FLUX transformer in BFL naming, but its config.json describes "
+                                      f"a {config.get('_class_name')}")
+            self._views = bfl_flux_views({n: self._stored_shape(n) for n in self._tensors}, self.path, config)
 
     # -- TensorSource --
     def keys(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._views if self._views is not None else self._tensors)
 
     def qtype(self, key: str) -> str:
         """The ggml type name of a tensor ("Q4_K", "F32", ...)."""
@@ -116,13 +132,24 @@ class GGUFSource(TensorSource):
         return self.qtype(key) not in _TORCH_OF
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._tensor(key).shape.tolist()))
+        if self._views is not None:
+            return self._view(key).shape
+        return self._stored_shape(key)
+
+    def _stored_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._stored(key).shape.tolist()))
 
     def raw(self, key: str) -> tuple[torch.Tensor, str, tuple[int, ...]]:
         """A quantized (or BF16) tensor as stored: uint8 blocks shaped (*shape[:-1], bytes per row), the ggml type
-        name, and the torch shape. Shares memory with the file mapping (no copy)."""
-        t = self._tensor(key)
-        name, shape = t.tensor_type.name, self.shape(key)
+        name, and the torch shape. Shares memory with the file mapping (no copy; a split part of a fused BFL tensor
+        is a view of its rows, the swapped final modulation a copy)."""
+        if self._views is not None:
+            return self._raw_view(key)
+        return self._raw_stored(key)
+
+    def _raw_stored(self, key: str) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+        t = self._stored(key)
+        name, shape = t.tensor_type.name, self._stored_shape(key)
         data = self._as_torch(key, t.data)
         if name in _TORCH_OF and name != "BF16":
             data = data.reshape(-1).view(torch.uint8)
@@ -132,8 +159,13 @@ class GGUFSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         """The tensor, dense: F32/F16/BF16 and integer types as stored (shared with the mapping), quantized ones
         dequantized to float32 (quantserve's reference for the types it knows, gguf-py's for the others)."""
-        t = self._tensor(key)
-        name, shape = t.tensor_type.name, self.shape(key)
+        if self._views is not None:
+            return self._get_view(key)
+        return self._get_stored(key)
+
+    def _get_stored(self, key: str) -> torch.Tensor:
+        t = self._stored(key)
+        name, shape = t.tensor_type.name, self._stored_shape(key)
         data = self._as_torch(key, t.data)
         try:
             if name == "BF16":
@@ -167,10 +199,61 @@ class GGUFSource(TensorSource):
 
     # -- helpers --
     def _tensor(self, key: str) -> Any:
+        """The stored tensor behind a (presented) name."""
+        try:
+            return self._tensors[self._view(key).source if self._views is not None else key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {key!r}") from None
+
+    def _stored(self, key: str) -> Any:
         try:
             return self._tensors[key]
         except KeyError:
             raise CheckpointError(f"{self.path}: has no tensor {key!r}") from None
+
+    def _view(self, key: str) -> Any:
+        try:
+            return self._views[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {key!r}") from None
+
+    def _row_parts(self, key: str, data: torch.Tensor, qname: str, stored: tuple[int, ...]) -> list[torch.Tensor]:
+        """The view's row ranges of a stored tensor's raw bytes (dimension 0; for a 1-D tensor the ranges must hold
+        whole blocks)."""
+        view = self._view(key)
+        if view.rows is None:
+            return [data]
+        if len(stored) >= 2:
+            return [data[a:b] for a, b in view.rows]
+        bs, ts = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType[qname]]
+        for a, b in view.rows:
+            if a % bs or b % bs:
+                raise CheckpointError(f"{self.path}: tensor {view.source!r} ({qname}, {list(stored)}) cannot be split "
+                                      f"exactly into {key!r}: rows {a}:{b} cut through its {bs}-element blocks")
+        return [data.reshape(-1)[a // bs * ts:b // bs * ts] for a, b in view.rows]
+
+    def _raw_view(self, key: str) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+        view = self._view(key)
+        data, qname, stored = self._raw_stored(view.source)
+        parts = self._row_parts(key, data, qname, stored)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), qname, view.shape
+
+    def _get_view(self, key: str) -> torch.Tensor:
+        view = self._view(key)
+        if view.rows is None:
+            return self._get_stored(view.source)
+        qname = self._tensors[view.source].tensor_type.name
+        if qname in BLOCK_SIZES and qname not in _TORCH_OF:  # dequantize only the rows presented
+            data, _, stored = self._raw_stored(view.source)
+            parts = self._row_parts(key, data, qname, stored)
+            raw = parts[0] if len(parts) == 1 else torch.cat(parts)
+            try:
+                return dequantize_gguf(raw, qname, view.shape, torch.float32)
+            except (ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.path}: tensor {key!r} (rows of {view.source!r}, {qname}) cannot be "
+                                      f"read: {exc}") from exc
+        dense = self._get_stored(view.source)
+        return torch.cat([dense[a:b] for a, b in view.rows])
 
     def _as_torch(self, key: str, array: np.ndarray) -> torch.Tensor:
         try:

@@ -202,7 +202,7 @@ def _open_source(folder: Path, gguf_file: Path | None) -> TensorSource:
     if gguf_file is not None:
         from .gguf_file import GGUFSource
 
-        return GGUFSource(gguf_file)
+        return GGUFSource(gguf_file, config=read_config(folder))  # checks a BFL-named FLUX file's blocks
     return SafetensorsSource.for_directory(folder)
 
 
