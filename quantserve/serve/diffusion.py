@@ -17,7 +17,7 @@ from .config import ResolvedLimits, VariantConfig
 from .gemm_probe import GemmProbe
 from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
 from .metrics import VariantMetrics
-from .protocol import ClientError
+from .protocol import ClientError, GenerationCancelled
 
 
 def _batch_images(jobs: list[dict[str, Any]]) -> int:
@@ -89,22 +89,31 @@ class Diffusion:
                **{k: normal[k] for k in ("n", "size", "steps", "guidance", "seed")}}
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        gone = False
 
         def on_step(done: int, total: int) -> None:
+            if gone:  # the stream was closed: stop the pipeline call at this step, freeing the replica
+                raise GenerationCancelled(f"the stream closed after step {done} of {total}")
             loop.call_soon_threadsafe(steps.put_nowait, (done, total))
 
         task = asyncio.ensure_future(asyncio.to_thread(self.generator.run, [normal], on_step))
-        while not task.done():
-            getter = asyncio.ensure_future(steps.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            done, total = getter.result()
-            yield {"event": "step", "step": done, "steps": total}
-        while not steps.empty():  # steps the thread reported before it returned are queued ahead of its result
-            done, total = steps.get_nowait()
-            yield {"event": "step", "step": done, "steps": total}
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                done, total = getter.result()
+                yield {"event": "step", "step": done, "steps": total}
+            while not steps.empty():  # steps the thread reported before it returned are queued ahead of its result
+                done, total = steps.get_nowait()
+                yield {"event": "step", "step": done, "steps": total}
+        except BaseException:  # cancelled or closed by the caller (the client went away)
+            gone = True
+            task.add_done_callback(lambda t: t.exception())  # its outcome has no reader; retrieve it quietly
+            self._finish({"status": 499, "code": "cancelled"}, arrived)
+            raise
         try:
             outcomes, stats = await task
             self._record([normal], outcomes, stats)

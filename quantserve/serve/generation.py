@@ -21,7 +21,7 @@ from typing import Any
 from .config import ResolvedLimits, ServeConfig, VariantConfig
 from .families import resolve
 from .gemm_probe import GemmProbe, GemmSample
-from .protocol import ClientError, ModelSource, ServedPipeline, StepCallback
+from .protocol import ClientError, GenerationCancelled, ModelSource, ServedPipeline, StepCallback
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -189,6 +189,10 @@ class BatchGenerator:
                                    "seed": job["seed"], "steps": job["steps"], "guidance": job["guidance"],
                                    "size": job["size"], **result.meta}
                     stats.images += job["n"]
+            except GenerationCancelled as exc:  # the requester is gone: nothing to log, nobody to answer
+                failed = {"status": 499, "code": "cancelled", "message": f"cancelled: {exc}"}
+                for i, _ in members:
+                    outcomes[i] = dict(failed)
             except Exception as exc:  # noqa: BLE001 - a failed pipeline call answers each of its jobs with a 500
                 failed = error_outcome(exc, "the model replica")
                 for i, _ in members:

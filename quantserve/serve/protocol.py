@@ -28,6 +28,10 @@ JOB_FIELDS = ("prompt", "negative_prompt", "n", "size", "steps", "guidance", "se
 StepCallback = Callable[[int, int], None]  # (steps done, 1..steps; steps) after each denoising step
 
 
+class GenerationCancelled(Exception):
+    """Raised from a step callback to stop a pipeline call whose requester is gone (a closed stream)."""
+
+
 class ClientError(ValueError):
     """A request this variant cannot take: a 4xx (422 unless told) naming the field."""
 

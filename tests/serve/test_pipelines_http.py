@@ -141,6 +141,15 @@ def test_streaming_sends_one_event_per_step_then_the_image(t2i_app: RunningApp, 
     assert png == outcomes[0]["images"][0]  # a streamed image is the same image
 
 
+def test_a_stream_closed_early_leaves_the_replica_serving(t2i_app: RunningApp) -> None:
+    body = {"prompt": "a red car", "size": "32x32", "steps": 20, "seed": 5, "stream": True}
+    with requests.post(f"{t2i_app.url}/v1/images/generations", json=body, headers={FORCE: "flux"}, stream=True,
+                       timeout=60) as r:
+        assert next(r.iter_lines(decode_unicode=True)) == "event: image_generation.progress"
+    after = t2i_app.post({"prompt": "a red car", "steps": 1, "seed": 5}, headers={FORCE: "flux"})
+    assert after.status_code == 200, after.text
+
+
 def test_streaming_through_the_openai_client_and_its_errors(client, t2i_app: RunningApp) -> None:
     import openai
 

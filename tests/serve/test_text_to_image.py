@@ -16,7 +16,7 @@ from PIL import Image
 from quantserve.serve.config import ConfigError, LimitsConfig, VariantConfig
 from quantserve.serve.families import check_variant, families, resolve
 from quantserve.serve.generation import BatchGenerator, LoadedVariant, encode_png, load_variant
-from quantserve.serve.protocol import ClientError
+from quantserve.serve.protocol import ClientError, GenerationCancelled
 
 from .helpers import T2I_QUANTIZATION, tiny_pipeline_dir
 
@@ -218,6 +218,22 @@ def test_a_job_equals_the_plain_pipeline_call_with_per_image_generators(flux: Lo
     images = pipe(prompt=["a red car"] * 2, height=32, width=48, num_inference_steps=3, guidance_scale=2.0,
                   generator=[torch.Generator("cpu").manual_seed(7 + i) for i in range(2)]).images
     assert outcomes[0]["images"] == [encode_png(im) for im in images]  # bit for bit
+
+
+def test_a_step_callback_can_stop_a_call_whose_requester_is_gone(flux: LoadedVariant) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def on_step(done: int, steps: int) -> None:
+        seen.append((done, steps))
+        if done == 2:
+            raise GenerationCancelled("the stream closed")
+
+    generator = BatchGenerator(flux)
+    outcomes, stats = generator.run([{"prompt": "a red car", "steps": 6, "seed": 0}], on_step)
+    assert seen == [(1, 6), (2, 6)] and len(stats.step_seconds) == 2  # stopped at once, not after six steps
+    assert outcomes[0]["status"] == 499 and outcomes[0]["code"] == "cancelled"
+    again, _ = generator.run([{"prompt": "a red car", "steps": 1, "seed": 0}])
+    assert again[0]["status"] == 200  # the replica goes on serving
 
 
 def test_quantized_text_encoder_and_denoiser_variant(flux: LoadedVariant) -> None:
