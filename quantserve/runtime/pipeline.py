@@ -198,7 +198,8 @@ def load_pipeline_models(path: str | os.PathLike[str], quantization_config: Any 
         except (ValueError, TypeError) as exc:
             if str(sub) in str(exc):  # the message already names the component's files
                 raise
-            raise ComponentError(f"component {name!r} ({sub}): {exc}") from exc
+            kind = CheckpointError if isinstance(exc, CheckpointError) else ComponentError
+            raise kind(f"component {name!r} ({sub}): {exc}") from exc
     return models
 
 
