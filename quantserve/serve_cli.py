@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from quantserve.atomic import atomic_write_bytes
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_URL = "http://127.0.0.1:8000"
 # `generate --model DIR` runs locally with no server: only the hard ceilings of a serve config bound it
@@ -293,12 +295,6 @@ def generate_mode(args: argparse.Namespace) -> str:
     return "remote"
 
 
-def _write_png(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _stem(prompt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", str(prompt))[:32] or "image"
 
@@ -337,7 +333,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stem = _stem(args.prompt)
     for i, item in enumerate(payload["data"]):
         path = out / f"{stem}-{variant}-seed{seed}-{i}.png"
-        _write_png(path, base64.b64decode(item["b64_json"]))
+        atomic_write_bytes(path, base64.b64decode(item["b64_json"]))
         print(f"wrote {path}")
     print(f"variant {variant}, seed {seed}, {len(payload['data'])} image(s)")
     return EXIT_OK
@@ -414,7 +410,7 @@ def _generate_local(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for i, png in enumerate(outcome["images"]):
         path = out / f"{_stem(args.prompt)}-seed{seed + i}.png"
-        _write_png(path, png)
+        atomic_write_bytes(path, png)
         print(f"wrote {path}")
     return EXIT_OK
 

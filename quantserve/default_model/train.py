@@ -9,12 +9,9 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import diffusers
@@ -23,6 +20,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
+
+from quantserve.atomic import atomic_directory
 
 from .model import (
     DIGIT_NAMES,
@@ -168,45 +167,15 @@ def model_index(weights_dtype: str, training: dict[str, object]) -> dict[str, ob
     }
 
 
-def _apply_umask(root: Path) -> None:
-    """Give the temp dir (mkdtemp makes it 0700) and its files the usual umask-based permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory via a temp dir next to `out`, then swap it in with renames."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        _apply_umask(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_model_dir(
     out: Path, transformer: DiTTransformer2DModel, scheduler: DDIMScheduler, index: dict[str, object]
 ) -> None:
     """Save transformer, scheduler and model_index.json as one diffusers model directory."""
 
-    def write(tmp: Path) -> None:
+    with atomic_directory(Path(out).resolve()) as tmp:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-    write_atomically(out, write)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from quantserve.atomic import atomic_write_text
+
 from .config import ConfigError, ServeConfig, load_config, parse_config
 
 # The same strings as serve.app's IMPORT_PATH and ROUTER_DEPLOYMENT (tests/helm holds them equal); repeated here so
@@ -117,9 +119,7 @@ def sync_values_schema(path: Path) -> bool:
     new = json.dumps(doc, indent=2) + "\n"
     if new == text:
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, new)
     return True
 
 
