@@ -12,14 +12,14 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from quantserve.atomic import atomic_write_text
 
 from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
 from .requirements import Requirement
@@ -236,16 +236,7 @@ class QuantizationConfigMixin:
 
     def to_json_file(self, json_file_path: str | os.PathLike[str], use_diff: bool = False) -> None:
         """Write the config as JSON, atomically: a failure leaves any earlier file as it was."""
-        path = Path(json_file_path)
-        text = self.to_json_string(use_diff=use_diff)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(json_file_path, self.to_json_string(use_diff=use_diff))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """`dict(config)` gives `to_dict()`, as diffusers allows."""
