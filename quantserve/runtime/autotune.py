@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from quantserve.atomic import atomic_write_text
 
 from .quant_linear import QuantLinear, reference_kernel
 from .router import KernelPolicy, quant_layers, route, runnable_candidates, shape_key
@@ -79,14 +80,7 @@ class TuneCache:
     def save(self) -> None:
         """Atomic write: a crash mid-write leaves the previous cache file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.data, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 @dataclass
