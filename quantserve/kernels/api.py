@@ -3,7 +3,8 @@
 `pack_*` build the packed formats of kernels/formats.py from the tensors a library hands over, as views (no copy)
 wherever the library's layout is the format's. `dequantize` and `linear` run the torch reference, the
 Triton kernels (`impl="triton"`; on a CPU only with TRITON_INTERPRET=1, Triton's interpreter) or the native CPU
-kernels (`impl="cpu"`: C with AVX-512/AVX2 and OpenMP, compiled for this machine on first use).
+kernels (`impl="cpu"`: C with OpenMP and AVX-512 intrinsics where the CPU has them, portable C auto-vectorized by
+the compiler elsewhere, compiled for this machine on first use).
 
 Triton is imported only when a Triton kernel is asked for, so the reference works where Triton does not, and the
 interpreter flag is read when the kernels are first imported.

@@ -1,11 +1,13 @@
 """Build quantserve's native CPU kernels (kernels/csrc/*.c) into a shared library, once per machine, and load it.
 
 The library is compiled with the system C compiler (`$CC`, else cc/gcc/clang) for this very CPU (-march=native:
-AVX-512 or AVX2 where the processor has them), with OpenMP, and without floating-point contraction (no fused
-multiply-add), so the kernels' values equal the torch reference's bit for bit. It is cached under
-`$QUANTSERVE_CACHE_DIR/cpu-kernels/` (default: the user cache directory) by a hash of the sources, the compiler,
-its flags and the CPU's features (`$QUANTSERVE_CPU_CFLAGS` adds flags, e.g. `-march=x86-64-v3` to build the AVX2
-paths or `-march=x86-64-v2` the portable ones on a machine that has AVX-512); the first use on a machine compiles (about 2 s), later ones load. The compiled
+the AVX-512 intrinsics paths where the processor has AVX-512; elsewhere the portable C, which the compiler
+auto-vectorizes for whatever the CPU has, e.g. AVX2: there is no hand-written AVX2 path), with OpenMP, and without
+floating-point contraction (no fused multiply-add), so the kernels' values equal the torch reference's bit for bit.
+It is cached under `$QUANTSERVE_CACHE_DIR/cpu-kernels/` (default: the user cache directory) by a hash of the
+sources, the compiler, its flags and the CPU's features (`$QUANTSERVE_CPU_CFLAGS` adds flags, e.g.
+`-march=x86-64-v3` or `-march=x86-64-v2` to build the portable code for an AVX2 or an older CPU on a machine that
+has AVX-512); the first use on a machine compiles (about 2 s), later ones load. The compiled
 file is written to a temporary name and renamed into place, so two processes building at once never see half a
 library.
 

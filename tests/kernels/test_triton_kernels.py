@@ -72,8 +72,25 @@ def test_kernels_are_interpreted_without_a_gpu_and_the_flag_does_not_leak():
     from quantserve.kernels import triton_tiles
 
     assert triton_tiles.INTERPRETED == (not torch.cuda.is_available())
-    if not torch.cuda.is_available():
-        assert api.triton_problem("cpu") is not None or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_triton_problem_reads_the_interpreter_flag_at_call_time(monkeypatch):
+    """Without a GPU the Triton kernels run on the CPU only while TRITON_INTERPRET=1 is set; each answer names why."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert api.triton_problem("cpu") == "triton needs a CUDA device (TRITON_INTERPRET=1 runs it on the CPU for tests)"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert api.triton_problem("cpu") == "triton needs a CUDA device (TRITON_INTERPRET=1 runs it on the CPU for tests)"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert api.triton_problem("cpu") is None
+    assert api.triton_problem("cpu", _int8_rows()) is None
+    # the kernels were imported interpreted (tests/kernels/conftest.py): they do not run compiled on a GPU
+    assert api.triton_problem("cuda") == ("quantserve's Triton kernels were imported with TRITON_INTERPRET=1 "
+                                          "(CPU interpreter)")
+
+
+def _int8_rows():
+    return api.pack_int8_rows(torch.randint(-127, 128, (3, 8), dtype=torch.int8), torch.rand(3) + 0.1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
@@ -214,11 +231,10 @@ def test_split_k_choice_fills_the_device():
 def router_state():
     """The router's candidates as they were before the test (this module registers the Triton ones)."""
     from quantserve.runtime import router
+    from quantserve.runtime.candidates import scoped_candidate
 
-    saved = dict(router._CANDIDATES)
-    yield router
-    router._CANDIDATES.clear()
-    router._CANDIDATES.update(saved)
+    with scoped_candidate():
+        yield router
 
 
 @pytest.fixture(scope="module")
@@ -284,5 +300,8 @@ def test_formats_without_a_triton_kernel_say_so(router_state, monkeypatch):
     dynamic = QuantLinear(QuantizedWeight(4, 8, "torchao:float8_e4m3_tensor+dyn_float8"), None)
     ok, why = kc.can_run_triton(dynamic, DEVICE)
     assert not ok and "weight-only" in why
-    assert np.all([f in kc.adapted_formats() for f in ("nf4", "fp4", "int8_rows", "int4_grouped", "quanto:int4_grouped",
-                                                      "torchao:float8_e4m3_rows", "modelopt:nvfp4")])
+    # every backend's weight class hands its own formats over (nf4/fp4, int8_rows, int4_grouped, quanto, torchao, ...)
+    from quantserve.runtime.backends import bnb, gguf, modelopt, quanto, torchao
+    assert all(cls._packed is not QuantizedWeight._packed
+               for cls in (bnb.BnB4bitWeight, bnb.BnBInt8Weight, torchao.Int4GroupedWeight, torchao.TorchAoWeight,
+                           quanto.QuantoWeight, modelopt.ModelOptWeight, gguf.GGUFWeight))

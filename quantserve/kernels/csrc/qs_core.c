@@ -2,7 +2,9 @@
  *
  * Every decoder writes one row of the (N, K) weight as float32 with the torch reference's values: the same float32
  * operations in the same order (the build forbids FMA contraction), then rounding to the format's own dtype. The
- * AVX-512 paths compute exactly what the scalar paths compute, sixteen lanes at a time.
+ * AVX-512 paths (intrinsics, under QS_AVX512) compute exactly what the portable paths compute, sixteen lanes at a
+ * time. There is no hand-written AVX2 path: on an AVX2 machine (-march=x86-64-v3 or native) the portable C is what
+ * runs, auto-vectorized by the compiler; QS_AVX2 only names that build in qs_isa().
  */
 #include "qs_cpu.h"
 #include "qs_scalar.h"
@@ -18,8 +20,7 @@
 #include <immintrin.h>
 #define QS_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QS_AVX2 1
+#define QS_AVX2 1 /* a label for qs_isa(): the portable code, auto-vectorized for AVX2; no intrinsics */
 #endif
 
 /* float8: e4m3fn through a half (its magnitude bits shifted into a half, times 2^8: exact, subnormals too);
