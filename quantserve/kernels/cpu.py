@@ -7,20 +7,38 @@ time into float32 with exactly the torch reference's values, then either
 - writes a slab of rows in the activation dtype into a small reused buffer that torch's GEMM (oneDNN/MKL) consumes
   while it is cache-hot (`linear` for larger M: the dense weight never exists whole).
 
-A packed weight is described to C by a `qs_weight` struct that points into its tensors (no copy); the struct is built
-once per (frozen) packed object and cached on it.
+A packed weight is described to C by a `qs_weight` struct (kernels/cpu_abi.py, the ctypes mirror of csrc/qs_cpu.h)
+that points into its tensors (no copy); the struct is built once per (frozen) packed object and cached on it. Each
+format's builder is registered as its `cpu` entry in kernels/format_ops.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from . import cpu_build
+from .cpu_abi import (
+    BF16,
+    F16,
+    F32,
+    FMT_BNB4,
+    FMT_FLOAT8,
+    FMT_GGUF,
+    FMT_INT4_BLOCKS,
+    FMT_INT4_GROUPED,
+    FMT_INT8_ROWS,
+    FMT_NVFP4,
+    FMT_QUANTO,
+    I8,
+    I16,
+    I32,
+    U8,
+    QsWeight,
+)
 from .cpu_build import CpuKernelsUnavailable
+from .format_ops import implementation, registers
 from .formats import (
     NVFP4,
     BnB4bit,
@@ -37,8 +55,6 @@ from .formats import (
 GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
 SLAB_BYTES = 4 << 20     # bytes of one dequantized slab (L2 to L3 sized: fewer slabs, each still cache-hot)
 
-FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF, FMT_INT4_BLOCKS = range(1, 9)
-F32, BF16, F16, I8, U8, I16, I32 = range(7)
 _DTYPES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8, torch.uint8: U8,
            torch.int16: I16, torch.int32: I32, None: F32}
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -46,21 +62,6 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
                  "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23, "BF16": 30}
 _CACHE_ATTR = "_quantserve_cpu_descriptor"
-
-
-class QsWeight(ctypes.Structure):
-    """Mirror of `qs_weight` in kernels/csrc/qs_cpu.h (same fields, same order)."""
-
-    _fields_ = [
-        ("fmt", ctypes.c_int32), ("kind", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-        ("data", ctypes.c_void_p), ("data_stride", ctypes.c_int64),
-        ("scale", ctypes.c_void_p), ("scale_dtype", ctypes.c_int32), ("scale_stride_n", ctypes.c_int64),
-        ("scale_stride_g", ctypes.c_int64), ("zero", ctypes.c_void_p), ("zero_dtype", ctypes.c_int32),
-        ("group", ctypes.c_int64), ("packed_rows", ctypes.c_int64), ("lut", ctypes.c_void_p),
-        ("nested_map", ctypes.c_void_p), ("nested_absmax", ctypes.c_void_p), ("nested_blocksize", ctypes.c_int64),
-        ("offset", ctypes.c_float), ("divisor", ctypes.c_float), ("global_scale", ctypes.c_float),
-        ("round_dtype", ctypes.c_int32),
-    ]
 
 
 class Descriptor:
@@ -89,18 +90,7 @@ def _round(dtype: torch.dtype | None) -> int:
     return {None: F32, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}[dtype]
 
 
-_BUILDERS: dict[type, Callable[[Any], tuple[QsWeight, tuple[torch.Tensor, ...]]]] = {}
-
-
-def _builder(cls: type) -> Callable:
-    def register(fn: Callable[[Any], tuple[QsWeight, tuple[torch.Tensor, ...]]]) -> Callable:
-        _BUILDERS[cls] = fn
-        return fn
-
-    return register
-
-
-@_builder(BnB4bit)
+@registers(BnB4bit, "cpu")
 def _bnb4(p: BnB4bit) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     lut = p.quant_map.reshape(-1).contiguous()
@@ -114,7 +104,7 @@ def _bnb4(p: BnB4bit) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, keep
 
 
-@_builder(Int8Rows)
+@registers(Int8Rows, "cpu")
 def _int8_rows(p: Int8Rows) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     s = QsWeight(fmt=FMT_INT8_ROWS, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0),
@@ -126,7 +116,7 @@ def _int8_rows(p: Int8Rows) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, tuple(t for t in (p.qdata, p.scale, p.zero_point) if t is not None)
 
 
-@_builder(Float8)
+@registers(Float8, "cpu")
 def _float8(p: Float8) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     data = p.qdata.view(torch.uint8)
@@ -136,7 +126,7 @@ def _float8(p: Float8) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, (data, p.scale)
 
 
-@_builder(Int4Grouped)
+@registers(Int4Grouped, "cpu")
 def _int4_grouped(p: Int4Grouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     scale, zero = p.scale, p.zero_point
@@ -151,7 +141,7 @@ def _int4_grouped(p: Int4Grouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, (p.qdata, scale, zero)
 
 
-@_builder(QuantoGrouped)
+@registers(QuantoGrouped, "cpu")
 def _quanto(p: QuantoGrouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     s = QsWeight(fmt=FMT_QUANTO, kind=p.bits, n=n, k=k, data=_ptr(p.data), data_stride=p.data.stride(0),
@@ -161,7 +151,7 @@ def _quanto(p: QuantoGrouped) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, (p.data, p.scale, p.shift)
 
 
-@_builder(NVFP4)
+@registers(NVFP4, "cpu")
 def _nvfp4(p: NVFP4) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     scales = p.block_scale.view(torch.uint8)
@@ -171,7 +161,7 @@ def _nvfp4(p: NVFP4) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, (p.qdata, scales)
 
 
-@_builder(Int4Blocks)
+@registers(Int4Blocks, "cpu")
 def _int4_blocks(p: Int4Blocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     s = QsWeight(fmt=FMT_INT4_BLOCKS, n=n, k=k, data=_ptr(p.qdata), data_stride=p.qdata.stride(0),
@@ -179,7 +169,7 @@ def _int4_blocks(p: Int4Blocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     return s, (p.qdata, p.scale)
 
 
-@_builder(GGUFBlocks)
+@registers(GGUFBlocks, "cpu")
 def _gguf(p: GGUFBlocks) -> tuple[QsWeight, tuple[torch.Tensor, ...]]:
     n, k = p.shape
     if p.qtype not in GGML_TYPE_IDS:
@@ -195,11 +185,7 @@ def descriptor(packed: PackedWeight) -> Descriptor:
     cached = packed.__dict__.get(_CACHE_ATTR)
     if cached is not None:
         return cached
-    build = _BUILDERS.get(type(packed))
-    if build is None:
-        raise FormatError(f"cpu kernels: {type(packed).__name__} is not a packed format; accepted: "
-                          f"{', '.join(c.__name__ for c in _BUILDERS)}")
-    struct, keep = build(packed)
+    struct, keep = implementation(packed, "cpu", "cpu kernels")(packed)
     for t in keep:
         if t.device.type != "cpu":
             raise FormatError(f"cpu kernels: {type(packed).__name__} tensors are on {t.device}; move the weight "

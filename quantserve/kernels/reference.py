@@ -3,22 +3,21 @@
 Each reference computes in float32 in the order the producing library does (bitsandbytes, torchao, optimum-quanto,
 modelopt, ggml/gguf-py), rounds to the format's `dtype` (the dtype that library's dequantization returns) and
 then casts to the dtype asked for; the tests hold them bit for bit against the libraries' own dequantization.
-Dispatch is by format type through a registry.
+Each is registered as its format's `reference` in kernels/format_ops.py, the one table every kernel family
+dispatches through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from .format_ops import implementation, registers
 from .formats import (
     E2M1_VALUES,
     NVFP4,
     BnB4bit,
     Float8,
-    FormatError,
     GGUFBlocks,
     Int4Blocks,
     Int4Grouped,
@@ -29,17 +28,6 @@ from .formats import (
 from .gguf import dequantize_gguf
 from .int4 import dequantize_int4_grouped
 
-_REFERENCES: dict[type, Callable[[PackedWeight], torch.Tensor]] = {}
-
-
-def _reference(cls: type) -> Callable:
-    def register(fn: Callable[[PackedWeight], torch.Tensor]) -> Callable[[PackedWeight], torch.Tensor]:
-        _REFERENCES[cls] = fn
-        return fn
-
-    return register
-
-
 def bnb_absmax(p: BnB4bit) -> torch.Tensor:
     """The float32 absmax per block; double-quantized: bitsandbytes' dequantize_blockwise, then + offset."""
     if not p.nested:
@@ -49,7 +37,7 @@ def bnb_absmax(p: BnB4bit) -> torch.Tensor:
     return codes * scale + torch.tensor(p.offset, dtype=torch.float32, device=codes.device)
 
 
-@_reference(BnB4bit)
+@registers(BnB4bit, "reference")
 def _bnb_4bit(p: BnB4bit) -> torch.Tensor:
     n, k = p.shape
     numel = n * k
@@ -62,7 +50,7 @@ def _bnb_4bit(p: BnB4bit) -> torch.Tensor:
     return (values * absmax).reshape(n, k)
 
 
-@_reference(Int8Rows)
+@registers(Int8Rows, "reference")
 def _int8_rows(p: Int8Rows) -> torch.Tensor:
     n = p.qdata.shape[0]
     q = p.qdata.float()
@@ -74,18 +62,18 @@ def _int8_rows(p: Int8Rows) -> torch.Tensor:
     return q * scale
 
 
-@_reference(Float8)
+@registers(Float8, "reference")
 def _float8(p: Float8) -> torch.Tensor:
     scale = p.scale.float().reshape(-1, 1) if p.per_row else p.scale.float().reshape(())
     return p.qdata.float() * scale
 
 
-@_reference(Int4Grouped)
+@registers(Int4Grouped, "reference")
 def _int4_grouped(p: Int4Grouped) -> torch.Tensor:
     return dequantize_int4_grouped(p, torch.float32)
 
 
-@_reference(QuantoGrouped)
+@registers(QuantoGrouped, "reference")
 def _quanto_grouped(p: QuantoGrouped) -> torch.Tensor:
     """quanto's QBitsDequantizer: scale * codes, then minus shift, each rounded to the scale's dtype."""
     n, k = p.shape
@@ -98,7 +86,7 @@ def _quanto_grouped(p: QuantoGrouped) -> torch.Tensor:
     return w.reshape(n, k)
 
 
-@_reference(NVFP4)
+@registers(NVFP4, "reference")
 def _nvfp4(p: NVFP4) -> torch.Tensor:
     n, k = p.shape
     codes = torch.empty(n, k, dtype=torch.long, device=p.qdata.device)
@@ -109,7 +97,7 @@ def _nvfp4(p: NVFP4) -> torch.Tensor:
     return (values.view(n, -1, p.block_size) * per_block.unsqueeze(-1)).reshape(n, k)
 
 
-@_reference(Int4Blocks)
+@registers(Int4Blocks, "reference")
 def _int4_blocks(p: Int4Blocks) -> torch.Tensor:
     """ModelOpt's INT4QTensor.dequantize: (code - 8) / scale per block, in float32."""
     n, k = p.shape
@@ -119,18 +107,14 @@ def _int4_blocks(p: Int4Blocks) -> torch.Tensor:
     return ((codes - 8).view(-1, p.block_size) / p.scale.reshape(-1, 1)).reshape(n, k)
 
 
-@_reference(GGUFBlocks)
+@registers(GGUFBlocks, "reference")
 def _gguf(p: GGUFBlocks) -> torch.Tensor:
     return dequantize_gguf(p.data, p.qtype, p.shape, torch.float32)
 
 
 def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense (N, K) weight of any packed format, in `dtype` (rounded first to the format's own `dtype`)."""
-    fn = _REFERENCES.get(type(packed))
-    if fn is None:
-        raise FormatError(f"dequantize: {type(packed).__name__} is not a packed format; accepted: "
-                          f"{', '.join(c.__name__ for c in _REFERENCES)}")
-    w = fn(packed)
+    w = implementation(packed, "reference", "dequantize")(packed)
     native = getattr(packed, "dtype", None)
     if native is not None and w.dtype != native:
         w = w.to(native)
@@ -140,7 +124,3 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torc
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + bias with the weight dequantized to x's dtype: the yardstick of the fused kernels."""
     return F.linear(x, dequantize(packed, x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def registered_formats() -> tuple[type, ...]:
-    return tuple(_REFERENCES)

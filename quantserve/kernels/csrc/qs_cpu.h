@@ -14,6 +14,9 @@
 
 #include <stdint.h>
 
+/* The enums and qs_weight below are mirrored, once, by kernels/cpu_abi.py (ctypes); qs_abi.c reports their values
+ * and layout by name and tests/kernels/test_cpu_abi.py holds the two equal. Change both together. */
+
 /* formats (qs_weight.fmt) */
 enum {
     QS_FMT_BNB4 = 1,        /* bitsandbytes NF4/FP4: flat codes, high nibble first, absmax per block (maybe nested) */
@@ -60,8 +63,15 @@ int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t
 int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float *bias);
 /* The number of OpenMP threads the kernels use. */
 int qs_threads(void);
-/* What the build vectorizes with ("avx512", "avx2" or "scalar"). */
+/* The instruction set the build targets: "avx512" (the AVX-512 intrinsics paths), "avx2" (the portable C,
+ * auto-vectorized for AVX2: there is no hand-written AVX2 path) or "scalar" (the portable C for an older target). */
 const char *qs_isa(void);
+
+/* The ABI as the compiler sees it (qs_abi.c): sizeof(qs_weight); field i of qs_weight (name, offsetof, sizeof) and
+ * enum constant i (name, value), each 0, or -1 past the last. */
+int64_t qs_abi_weight_size(void);
+int32_t qs_abi_field(int32_t i, const char **name, int64_t *offset, int64_t *size);
+int32_t qs_abi_enum(int32_t i, const char **name, int64_t *value);
 
 /* GGUF (qs_gguf.c): decode one row of `k` weights of ggml type `qtype` from its raw blocks; 0, or -1 for a type
  * the build does not know. Exactly the float32 values of kernels/gguf.py (and so of gguf-py). */
