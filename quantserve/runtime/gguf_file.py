@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from quantserve.atomic import atomic_file
 
 from ..kernels.gguf import BLOCK_SIZES, dequantize_gguf, qtype_name
 from .model_files import CheckpointError, TensorSource
@@ -331,10 +332,7 @@ def write_gguf(path: str | os.PathLike[str], tensors: Mapping[str, TensorSpec],
     gguf = _gguf()
     path = Path(path)
     arrays = {name: _to_writer_array(name, spec) for name, spec in tensors.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
         _add_metadata(writer, metadata or {})
         for name, (array, raw_dtype) in arrays.items():
@@ -343,10 +341,4 @@ def write_gguf(path: str | os.PathLike[str], tensors: Mapping[str, TensorSpec],
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
