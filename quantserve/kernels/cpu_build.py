@@ -23,9 +23,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
+
+from quantserve.atomic import atomic_file
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-fPIC",
@@ -108,18 +109,12 @@ def build(force: bool = False) -> Path:
     if target.is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [cc, *flags(), "-I", str(SOURCE_DIR), "-o", tmp, *map(str, sources()), "-lm"]
-    try:
+    with atomic_file(target) as tmp:
+        cmd = [cc, *flags(), "-I", str(SOURCE_DIR), "-o", str(tmp), *map(str, sources()), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise CpuKernelsUnavailable(f"compiling quantserve's CPU kernels failed ({' '.join(cmd)}):\n"
                                         f"{done.stderr.strip()[-4000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
