@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import reference
+from .format_ops import ops_for
 from .formats import (
     NVFP4,
     BnB4bit,
@@ -168,7 +169,7 @@ def triton_problem(device: torch.device | str, packed: PackedWeight | None = Non
     problem = _device_problem(device)
     if problem is None and packed is not None and torch.device(device).type == "cuda":
         capability = torch.cuda.get_device_capability(torch.device(device))
-        needs_fp8 = isinstance(packed, (Float8, NVFP4))
+        needs_fp8 = is_packed(packed) and ops_for(packed, "triton_problem").float8_codes
         wanted = FLOAT8_MIN_CAPABILITY if needs_fp8 else MIN_CAPABILITY
         if capability < wanted:
             what = "float8 codes need" if needs_fp8 else "the Triton kernels need"
@@ -184,7 +185,7 @@ def _device_problem(device: torch.device | str) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    tiles = sys.modules.get(f"{__package__}.triton_tiles")
+    tiles = sys.modules.get(f"{__package__}.triton_common")
     if device.type == "cuda":
         if tiles is not None and tiles.INTERPRETED:
             return "quantserve's Triton kernels were imported with TRITON_INTERPRET=1 (CPU interpreter)"

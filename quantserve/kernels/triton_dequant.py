@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .formats import FormatError, PackedWeight, device_of
-from .triton_tiles import INTERPRETED, cast_to, round_to, tile_args
+from .triton_args import tile_args
+from .triton_common import INTERPRETED, cast_to, round_to
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -32,18 +33,19 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "TILE", "C0", "C1", "C2", "NATIVE"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["N", "K", "TILE", "W_META0", "W_META1", "W_META2",
+                                             "NATIVE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _dequant_kernel(out_ptr, stride_on, p0, p1, p2, p3, p4, i0, i1, i2, N, K,
-                    TILE: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NATIVE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(out_ptr, stride_on, w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, N, K,
+                    TILE: tl.constexpr, W_META0: tl.constexpr, W_META1: tl.constexpr, W_META2: tl.constexpr,
+                    NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
     rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
     mask = (rn < N) & (rk < K)
-    w = TILE(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, mask, N, K, C0, C1, C2)
+    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, mask, N, K,
+             W_META0, W_META1, W_META2)
     w = round_to(w, NATIVE)
     tl.store(out_ptr + rn * stride_on + rk, cast_to(w, out_ptr.dtype.element_ty), mask=mask)
 

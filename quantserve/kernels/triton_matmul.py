@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .formats import FormatError, PackedWeight, device_of
-from .triton_tiles import INTERPRETED, cast_to, round_to, tile_args
+from .triton_args import tile_args
+from .triton_common import INTERPRETED, cast_to, round_to
 
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SPLITK_MAX_M = 16
@@ -69,12 +70,14 @@ def _prune_splitk(configs: list[triton.Config], named_args: dict, **kwargs) -> l
 
 
 @triton.jit
-def _weight_tile(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, N, K, k_end, TILE: tl.constexpr, C0: tl.constexpr,
-                 C1: tl.constexpr, C2: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, k_end,
+                 TILE: tl.constexpr, W_META0: tl.constexpr, W_META1: tl.constexpr, W_META2: tl.constexpr,
+                 NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The (BLOCK_N, BLOCK_K) weight tile in the dot's dtype; zero outside rows < N, columns < k_end (so padding
     adds nothing)."""
     mask = (rn < N) & (rk < k_end)
-    w = TILE(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, mask, N, K, C0, C1, C2)
+    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, mask, N, K,
+             W_META0, W_META1, W_META2)
     w = tl.where(mask, round_to(w, NATIVE), 0.0)
     return cast_to(w, DOT_DTYPE)
 
@@ -90,13 +93,14 @@ def _dot(x, w_t, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
-@triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K", "TILE", "C0", "C1", "C2", "NATIVE"],
+@triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K", "TILE", "W_META0", "W_META1", "W_META2",
+                                                   "NATIVE"],
                  prune_configs_by={"early_config_prune": _prune_tiled})
 @triton.jit
 def _tiled_kernel(x_ptr, y_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk, stride_ym,
-                  p0, p1, p2, p3, p4, i0, i1, i2,
-                  TILE: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NATIVE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2,
+                  TILE: tl.constexpr, W_META0: tl.constexpr, W_META1: tl.constexpr, W_META2: tl.constexpr,
+                  NATIVE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -115,7 +119,8 @@ def _tiled_kernel(x_ptr, y_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, stride_x
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + rm * stride_xm + rk * stride_xk, mask=(rm < M) & (rk < K), other=0.0)
-        w = _weight_tile(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, N, K, K, TILE, C0, C1, C2, NATIVE,
+        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, K, TILE,
+                         W_META0, W_META1, W_META2, NATIVE,
                          x_ptr.dtype.element_ty)
         acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)
     if HAS_BIAS:
@@ -124,13 +129,15 @@ def _tiled_kernel(x_ptr, y_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, stride_x
     tl.store(y_ptr + rm * stride_ym + cn, cast_to(acc, y_ptr.dtype.element_ty), mask=(rm < M) & (cn < N))
 
 
-@triton.autotune(configs=_splitk_configs(), key=["M_BUCKET", "N", "K", "K_SPLIT", "TILE", "C0", "C1", "C2", "NATIVE"],
+@triton.autotune(configs=_splitk_configs(), key=["M_BUCKET", "N", "K", "K_SPLIT", "TILE", "W_META0", "W_META1",
+                                                    "W_META2", "NATIVE"],
                  prune_configs_by={"early_config_prune": _prune_splitk})
 @triton.jit
 def _splitk_kernel(x_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKET, K_SPLIT, stride_xm, stride_xk, stride_om,
-                   p0, p1, p2, p3, p4, i0, i1, i2,
-                   TILE: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NATIVE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+                   w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2,
+                   TILE: tl.constexpr, W_META0: tl.constexpr, W_META1: tl.constexpr, W_META2: tl.constexpr,
+                   NATIVE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   PARTIAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """PARTIAL: write this split's float32 sum to out[split] (M, N); else the final y (bias added, cast)."""
     pid_n = tl.program_id(0)
@@ -145,7 +152,8 @@ def _splitk_kernel(x_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKET, K_SPLIT, stride_
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + rm * stride_xm + rk * stride_xk, mask=(rm < M) & (rk < k_end), other=0.0)
-        w = _weight_tile(p0, p1, p2, p3, p4, i0, i1, i2, rn, rk, N, K, k_end, TILE, C0, C1, C2, NATIVE,
+        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, k_end, TILE,
+                         W_META0, W_META1, W_META2, NATIVE,
                          x_ptr.dtype.element_ty)
         acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)
     cn = offs_n[None, :]
