@@ -23,8 +23,9 @@ from pydantic import (
     model_validator,
 )
 
+from quantserve.runtime.kernel_policy import validate_kernel_policy
+
 from .ab import validate_sticky_key, validate_weights
-from .kernel_policy import validate_kernel_policy
 from .quantization import BF16_NAMES, check_quantization, quantization_label
 
 VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quantserve.runtime.kernel_policy import validate_kernel_policy
 from quantserve.serve.app import (
     IMPORT_PATH,
     build_app,
@@ -14,11 +15,11 @@ from quantserve.serve.app import (
 )
 from quantserve.serve.config import (
     ConfigError,
+    VariantConfig,
     default_config,
     load_config,
     parse_config,
 )
-from quantserve.serve.kernel_policy import validate_kernel_policy
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
@@ -175,3 +176,10 @@ def test_kernel_policy_normal_form() -> None:
     assert validate_kernel_policy({}) == {} and validate_kernel_policy(None) == {}
     with pytest.raises(ValueError, match="expected a mapping"):
         validate_kernel_policy(["native"])
+
+
+def test_kernel_policy_takes_every_form_the_runtime_takes() -> None:
+    """One schema (quantserve.runtime.kernel_policy): a list under `disable` disables those kernels everywhere."""
+    assert validate_kernel_policy({"disable": ["native", "cpu_fused"]}) == {"disable": {"*": ["native", "cpu_fused"]}}
+    variant = VariantConfig(name="a", kernel_policy={"disable": ["native"]})
+    assert variant.kernel_policy == {"disable": {"*": ["native"]}}
