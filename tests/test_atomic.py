@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quantserve.atomic import atomic_directory, atomic_file, atomic_write_bytes, atomic_write_text
+from quantserve.kernels.atomic_write import atomic_directory, atomic_file, atomic_write_bytes, atomic_write_text
 
 
 def _umask() -> int:
@@ -55,7 +55,7 @@ def test_a_killed_writer_leaves_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"old")
     code = ("import os, signal, sys\n"
-            "from quantserve.atomic import atomic_file\n"
+            "from quantserve.kernels.atomic_write import atomic_file\n"
             "with atomic_file(sys.argv[1]) as tmp:\n"
             "    tmp.write_bytes(b'half')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")

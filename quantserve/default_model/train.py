@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
 
-from quantserve.atomic import atomic_directory
+from quantserve.kernels.atomic_write import atomic_directory
 
 from .model import (
     DIGIT_NAMES,

@@ -26,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from quantserve.atomic import atomic_file
+from .atomic_write import atomic_file
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-fPIC",

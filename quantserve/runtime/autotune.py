@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantserve.atomic import atomic_write_text
-
+from ..kernels.atomic_write import atomic_write_text
 from .quant_linear import QuantLinear, reference_kernel
 from .router import KernelPolicy, quant_layers, route, runnable_candidates, shape_key
 

@@ -19,8 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from quantserve.atomic import atomic_write_text
-
+from ..kernels.atomic_write import atomic_write_text
 from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
 from .requirements import Requirement
 from .torchao_shorthands import SHORTHANDS

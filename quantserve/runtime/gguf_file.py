@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantserve.atomic import atomic_file
-
+from ..kernels.atomic_write import atomic_file
 from ..kernels.gguf import BLOCK_SIZES, dequantize_gguf, qtype_name
 from .model_files import CheckpointError, TensorSource
 

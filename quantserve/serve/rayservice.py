@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from quantserve.atomic import atomic_write_text
+from quantserve.kernels.atomic_write import atomic_write_text
 
 from .config import ConfigError, ServeConfig, load_config, parse_config
 

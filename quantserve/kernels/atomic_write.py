@@ -3,7 +3,8 @@
 An exception or interrupt mid-write leaves the previous file or directory as it was and removes the temporary; a
 reader never sees a half-written one. The temporaries are dot-names in the target's directory (a rename never
 crosses file systems) and get the permissions a plain `open` or `mkdir` would (the umask's), not mkstemp's 0600.
-Every layer may import this module: it needs only the standard library.
+It lives in kernels, the bottom layer, so that every layer may import it (kernels' build cache, runtime's configs,
+checkpoints and autotune cache, serve, the digits model, the CLI); it needs only the standard library.
 """
 
 from __future__ import annotations
