@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from quantserve.runtime.dtypes import FLOAT_DTYPES, dtype_from_name
 from quantserve.serve.config import ConfigError, ResolvedLimits, VariantConfig
 from quantserve.serve.protocol import (
     ClientError,
@@ -30,7 +31,6 @@ from quantserve.serve.quantization import is_single_config
 from . import default_model_dir
 
 CLASS_NAME = "DigitsPipeline"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _square(width: int, height: int) -> str | None:
@@ -142,7 +142,7 @@ class DigitsFamily(PipelineFamily):
         from .pipeline import DigitsPipeline
 
         self.check(source, config, source.field.rsplit(".", 1)[0])
-        dtype = DTYPES[config.dtype]
+        dtype = dtype_from_name(config.dtype, FLOAT_DTYPES)
         spec = config.quantization_spec()
         if isinstance(spec, Mapping) and set(spec) == {"transformer"}:
             spec = spec["transformer"]

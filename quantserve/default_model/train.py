@@ -22,6 +22,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
 
 from quantserve.kernels.atomic_write import atomic_directory
+from quantserve.runtime.dtypes import dtype_from_name
 
 from .model import (
     DIGIT_NAMES,
@@ -35,7 +36,7 @@ from .model import (
     load_split,
 )
 
-WEIGHT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHT_DTYPES = ("bfloat16", "float32")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary["command"] = "python -m quantserve.default_model.train " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    transformer = cast_weights(ema, WEIGHT_DTYPES[args.weights_dtype])
+    transformer = cast_weights(ema, dtype_from_name(args.weights_dtype, WEIGHT_DTYPES))
     save_model_dir(args.out, transformer, scheduler, model_index(args.weights_dtype, summary))
     print(f"wrote {args.out} in {summary['wall_time_s']} s (final loss {summary['final_loss_smoothed']})")
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from quantserve.runtime.dtypes import FLOAT_DTYPES, dtype_from_name
+
 from .config import ConfigError, ResolvedLimits, VariantConfig
 from .protocol import (
     ClientError,
@@ -33,7 +35,6 @@ from .protocol import (
 )
 from .quantization import component_names
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PROBE_TEXT_TOKENS = 4  # text tokens of the health probe's encoder states
 
 
@@ -281,7 +282,7 @@ class TextToImageFamily(PipelineFamily):
         from quantserve.runtime import load_pipeline
 
         spec = SPECS[source.class_name or ""]
-        dtype = DTYPES[config.dtype]
+        dtype = dtype_from_name(config.dtype, FLOAT_DTYPES)
         pipe = load_pipeline(source.path, config.quantization_spec(), device=device, torch_dtype=dtype,
                              kernel_policy=config.kernel_policy or None)
         return TextToImagePipeline(pipe, spec, limits, dtype)
