@@ -177,7 +177,7 @@ def bench_scheme(scheme: str, shapes, m_values, impls, timer, device) -> list[Ro
         }
         packed_ok, packed_why = True, ""
         try:
-            kc.packed_format(weight)
+            weight.packed()
         except Exception as exc:
             packed_ok, packed_why = False, f"{type(exc).__name__}: {exc}"
         for m in m_values:

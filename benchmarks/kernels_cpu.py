@@ -149,7 +149,6 @@ def bench_dequantize(schemes, shape) -> list[dict]:
 
     from quantserve.kernels import cpu as cpu_kernels
     from quantserve.kernels import reference
-    from quantserve.runtime.kernel_candidates import packed_format
 
     n, k = shape
     out = []
@@ -157,7 +156,7 @@ def bench_dequantize(schemes, shape) -> list[dict]:
         g = torch.Generator().manual_seed(1)
         dense = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
         weight = build_weight(scheme, dense)
-        packed = packed_format(weight)
+        packed = weight.packed()
         row = {"scheme": scheme, "fmt": weight.fmt, "ms": {}}
         buffer = torch.empty(n, k, dtype=torch.bfloat16)
         row["ms"]["quantserve C"] = time_ms(lambda: cpu_kernels.dequantize(packed, torch.bfloat16), repeats=5)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantserve.runtime.inspect import Inspection, inspect_path
+from quantserve.runtime.inspection import Inspection, inspect_path
 from quantserve.runtime.schemes import SCHEMES
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..kernels.gguf import BLOCK_SIZES, DENSE_TYPES, IQ4_LEVELS, QK_K, qtype_name
-from .backends.chunking import CHUNK_ELEMENTS, map_rows, needs_chunks
+from .chunking import CHUNK_ELEMENTS, map_rows, needs_chunks
 
 GROUP_MAX_EPS = 1e-15
 # gguf-py's own quantizers; everything else quantized goes through the torch ones below

@@ -98,7 +98,7 @@ def plan_layers(model: nn.Module, backend: Backend | None,
         elif hit := _matches(name, skip):
             reasons[name] = f"skipped ({hit!r} in modules_to_not_convert)"
         else:
-            ok, why = backend.can_quantize(name, module)
+            ok, why = backend.create(name, module)
             if ok:
                 planned[name] = module
             else:
@@ -260,7 +260,7 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
         lib.tie(model)
         loader.leftovers()
     if backend is not None:
-        backend.after_load(model, forward_loop)
+        backend.process_after_loading(model, forward_loop)
     model.eval()
     _route(model, device, kernel_policy)
     report = LoadReport(cls.__name__, str(gguf_file or folder), qconfig.quant_method.value if qconfig else "none",

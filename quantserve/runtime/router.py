@@ -1,62 +1,33 @@
 """The router: per QuantLinear, the kernels that can run it here, and the one it uses (cache, policy, preference).
 
-Candidates are registered once (a registry, like the backends): the backend's own path, quantserve's Triton
-kernels (registered by quantserve.kernels when Triton can run), and the torch reference. For one layer the router
-keeps those whose `can_run` says yes on this device, drops the ones the policy disables, then takes the forced one,
-else the autotune cache's winner for the layer's (format, N, K, M bucket), else the first by fixed preference.
+The candidates are a registry (runtime/candidates.py); the built-ins (the backend's own kernel, quantserve's Triton
+and CPU kernels, the torch reference) are registered once, by runtime/kernel_candidates.py's `register()`, when this
+module is imported. For one layer the router keeps the candidates whose `can_run` says yes on this device, drops the
+ones the policy disables, then takes the forced one, else the autotune cache's winner for the layer's (format, N,
+K, M bucket), else the first by the fixed preference (candidates.PREFERENCE).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .quant_linear import Kernel, QuantLinear, native_kernel, reference_kernel
+from . import candidates as registry
+from . import kernel_candidates
+from .candidates import Candidate, candidates
+from .candidates import register as register_candidate
+from .quant_linear import QuantLinear
 
-CanRun = Callable[[QuantLinear, torch.device], "tuple[bool, str]"]
+__all__ = ["Candidate", "Decision", "KernelPolicy", "candidates", "choose", "m_bucket", "nearest_entry",
+           "quant_layers", "register_candidate", "route", "runnable_candidates", "shape_key"]
 
-
-@dataclass(frozen=True)
-class Candidate:
-    """A kernel the router may pick: its name, its launch, where it runs, and its rank in the fixed preference."""
-
-    name: str
-    kernel: Kernel
-    can_run: CanRun
-    preference: int
-    summary: str = ""
-
-
-_CANDIDATES: dict[str, Candidate] = {}
-
-
-def register_candidate(candidate: Candidate) -> Candidate:
-    _CANDIDATES[candidate.name] = candidate
-    return candidate
-
-
-def candidates() -> list[Candidate]:
-    """Every registered candidate, in fixed preference order."""
-    return sorted(_CANDIDATES.values(), key=lambda c: c.preference)
-
-
-def _always(layer: QuantLinear, device: torch.device) -> tuple[bool, str]:
-    return True, ""
-
-
-# The fixed preference, used when the cache has nothing for a layer: quantserve's fused Triton kernel (preference
-# 10, CUDA) first, then quantserve's fused CPU kernel (15, the CPU), the backend's own kernel (20), Triton
-# dequantize-then-GEMM (30), CPU slab dequantize-then-GEMM (35), and the torch reference last (90), which always
-# runs. quantserve's fused kernels come first because they read the packed weight once and never build the dense
-# one; the autotuner replaces this order with measured winners per shape.
-register_candidate(Candidate("native", native_kernel, _always, 20, "the backend's own kernel"))
-register_candidate(Candidate("reference", reference_kernel, _always, 90, "dequantize with torch, then a dense matmul"))
+kernel_candidates.register()
 
 
 @dataclass
@@ -107,7 +78,7 @@ class KernelPolicy:
         return KernelPolicy({**self.force, **other.force}, disable)
 
     def validate(self) -> None:
-        known = set(_CANDIDATES)
+        known = registry.names()
         for pattern, kernel in self.force.items():
             if kernel not in known:
                 raise ValueError(f"kernel_policy.force[{pattern!r}]: unknown kernel {kernel!r}; known: {sorted(known)}")
@@ -201,7 +172,7 @@ def route(model: nn.Module, device: torch.device | str | None = None, m: int = 1
     decisions = []
     for name, layer in quant_layers(model):
         decision = choose(layer, name, device, m, policy, cache)
-        layer.set_kernel(decision.kernel, _CANDIDATES[decision.kernel].kernel, decision.reason)
+        layer.set_kernel(decision.kernel, registry.candidate(decision.kernel).kernel, decision.reason)
         decisions.append(decision)
     return decisions
 
@@ -215,6 +186,3 @@ def _model_device(model: nn.Module) -> torch.device:
         return tensor.device
     return torch.device("cpu")
 
-
-# quantserve Triton kernels register themselves as candidates (after the built-ins above)
-from . import kernel_candidates  # noqa: E402,F401

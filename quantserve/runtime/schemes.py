@@ -18,6 +18,7 @@ from .config import (
     TorchAoConfig,
     quantization_config_from_dict,
 )
+from .backends.gguf import scheme_name
 from .errors import ConfigTypeError, ConfigValueError
 
 
@@ -53,6 +54,11 @@ def _gguf() -> QuantizationConfigMixin:
     return GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
 
 
+def _gguf_row(qtype: str, summary: str, bits: float) -> Scheme:
+    """A gguf-* scheme: GGUF blocks of `qtype`, quantized on load (the backend names it with `scheme_name`)."""
+    return Scheme(scheme_name(qtype), QuantizationMethod.GGUF, _gguf, summary, bits, gguf_type=qtype)
+
+
 def _modelopt(quant_type: str, **kwargs: Any) -> Callable[[], QuantizationConfigMixin]:
     return lambda: NVIDIAModelOptConfig(quant_type=quant_type, **kwargs)
 
@@ -77,10 +83,10 @@ _ROWS = (
     Scheme("quanto-int4", _QUANTO, _quanto("int4"), "optimum-quanto int4 weights, grouped", 4.5),
     Scheme("quanto-int2", _QUANTO, _quanto("int2"), "optimum-quanto int2 weights, grouped", 2.5),
     Scheme("quanto-float8", _QUANTO, _quanto("float8"), "optimum-quanto float8 e4m3 weights", 8),
-    Scheme("gguf-q8_0", _GGUF, _gguf, "GGUF Q8_0 blocks (32 int8 + fp16 scale)", 8.5, gguf_type="Q8_0"),
-    Scheme("gguf-q4_0", _GGUF, _gguf, "GGUF Q4_0 blocks (32 int4 + fp16 scale)", 4.5, gguf_type="Q4_0"),
-    Scheme("gguf-q4_k", _GGUF, _gguf, "GGUF Q4_K super-blocks of 256", 4.5, gguf_type="Q4_K"),
-    Scheme("gguf-q6_k", _GGUF, _gguf, "GGUF Q6_K super-blocks of 256", 6.5625, gguf_type="Q6_K"),
+    _gguf_row("Q8_0", "GGUF Q8_0 blocks (32 int8 + fp16 scale)", 8.5),
+    _gguf_row("Q4_0", "GGUF Q4_0 blocks (32 int4 + fp16 scale)", 4.5),
+    _gguf_row("Q4_K", "GGUF Q4_K super-blocks of 256", 4.5),
+    _gguf_row("Q6_K", "GGUF Q6_K super-blocks of 256", 6.5625),
     Scheme("modelopt-fp8", _MO, _modelopt("FP8"), "ModelOpt FP8 e4m3 weights, per tensor", 8),
     Scheme("modelopt-int8", _MO, _modelopt("INT8", channel_quantize=0), "ModelOpt INT8 weights, per output channel", 8),
     Scheme("modelopt-int4", _MO, _modelopt("INT4", channel_quantize=-1, block_quantize=128), "ModelOpt INT4 weights, blocks of 128 (fp32 scales)", 4.25),

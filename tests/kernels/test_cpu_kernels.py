@@ -225,7 +225,8 @@ def test_the_router_runs_every_backend_through_the_cpu_kernels(scheme, tmp_path)
     layers = list(quant_layers(model))
     if scheme == "modelopt-int4":  # blocks of 128 inputs: narrower layers' blocks span rows, which no kernel takes
         narrow = [(n, layer) for n, layer in layers if layer.in_features % 128]
-        assert narrow and all(layer.kernel_name == "native" for _, layer in narrow)
+        # modelopt has no kernel of its own: these run the reference (modelopt's dequantize, then a matmul)
+        assert narrow and all(layer.kernel_name == "reference" for _, layer in narrow)
         assert "does not divide in_features" in kc.can_run_cpu(narrow[0][1], torch.device("cpu"))[1]
         layers = [(n, layer) for n, layer in layers if not layer.in_features % 128]
     assert layers and all(layer.kernel_name == kc.CPU_FUSED for _, layer in layers), \

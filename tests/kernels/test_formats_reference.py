@@ -1,6 +1,6 @@
 """Packed formats and their torch reference dequantizers, held against each library's own dequantization.
 
-Every backend's weight is handed over through the adapters of runtime/kernel_candidates.py (views of its buffers),
+Every backend's weight hands itself over as a packed format (`QuantizedWeight.packed()`, views of its buffers),
 then dequantized by kernels/reference.py; the result must equal the library's own dequantization bit for bit in the
 library's own output dtype, and the backend's `dequantize(dtype)` in every dtype. The one difference allowed is the
 sign of a zero (`torch.equal`): bitsandbytes' own CPU paths disagree on it (its C kernel decodes FP4 code 8 as -0.0,
@@ -38,7 +38,9 @@ from quantserve.kernels.gguf import BLOCK_SIZES, QUANTIZED_TYPES
 from quantserve.runtime import kernel_candidates as kc
 from quantserve.runtime.backends import backend_for
 from quantserve.runtime.backends.gguf import GGUFWeight
+from quantserve.runtime.backends.torchao import TorchAoWeight
 from quantserve.runtime.config import BitsAndBytesConfig, NVIDIAModelOptConfig, QuantoConfig, TorchAoConfig
+from quantserve.runtime.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -56,9 +58,9 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 def check_backend_weight(weight, expected_type: type) -> object:
     """The adapted weight: the expected format, cached, equal to the backend's dequantize in every dtype."""
-    packed = kc.packed_format(weight)
+    packed = weight.packed()
     assert isinstance(packed, expected_type)
-    assert kc.packed_format(weight) is packed, "the adapted format is cached on the weight"
+    assert weight.packed() is packed, "the packed format is cached on the weight"
     for dtype in DTYPES:
         assert_same(R.dequantize(packed, dtype), weight.dequantize(dtype))
     return packed
@@ -150,8 +152,11 @@ def test_torchao_weights_through_the_adapter(quant_type, fmt, cls):
 
 
 def test_torchao_dynamic_activation_formats_have_no_adapter():
-    reason = kc.no_adapter_reason("torchao:int8_rows+dyn_int8")
-    assert "no Triton kernel for format torchao:int8_rows+dyn_int8" in reason and "dynamically" in reason
+    weight = TorchAoWeight("torchao:int8_rows+dyn_int8", {"shape": [4, 8]}, {})
+    with pytest.raises(FormatError, match="dynamically"):
+        weight.packed()
+    ok, reason = kc.can_run_cpu(QuantLinear(weight, None), torch.device("cpu"))
+    assert not ok and "no quantserve kernel for format torchao:int8_rows+dyn_int8" in reason and "dynamically" in reason
 
 
 # --- optimum-quanto ---------------------------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def test_dequantize_and_linear_refuse_what_they_cannot_run():
 
 def test_the_adapter_rebuilds_when_the_buffers_change():
     weight = backend_for(BitsAndBytesConfig(load_in_8bit=True)).quantize("layer", torch.randn(8, 16))
-    first = kc.packed_format(weight)
+    first = weight.packed()
     weight.SCB = weight.SCB * 2  # a new tensor, as .to() would make
-    second = kc.packed_format(weight)
+    second = weight.packed()
     assert second is not first and torch.equal(second.scale, first.scale * 2)

@@ -291,13 +291,14 @@ def test_router_offers_the_triton_kernels_where_triton_runs(nf4_model, router_st
 def test_formats_without_a_triton_kernel_say_so(router_state, monkeypatch):
     from quantserve.runtime import kernel_candidates as kc
     from quantserve.runtime.backends.base import QuantizedWeight
+    from quantserve.runtime.backends.torchao import TorchAoWeight
     from quantserve.runtime.quant_linear import QuantLinear
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     layer = QuantLinear(QuantizedWeight(4, 8, "torchao:int3_grouped_bitplanes"), None)
     ok, why = kc.can_run_triton(layer, DEVICE)
     assert not ok and why == "no Triton kernel for format torchao:int3_grouped_bitplanes"
-    dynamic = QuantLinear(QuantizedWeight(4, 8, "torchao:float8_e4m3_tensor+dyn_float8"), None)
+    dynamic = QuantLinear(TorchAoWeight("torchao:float8_e4m3_tensor+dyn_float8", {"shape": [4, 8]}, {}), None)
     ok, why = kc.can_run_triton(dynamic, DEVICE)
     assert not ok and "weight-only" in why
     # every backend's weight class hands its own formats over (nf4/fp4, int8_rows, int4_grouped, quanto, torchao, ...)

@@ -10,7 +10,8 @@ import torch
 from quantserve.runtime.autotune import TuneCache, autotune, device_key, tokens_for, tune_layer
 from quantserve.runtime.loader import load_model
 from quantserve.runtime.quant_linear import QuantLinear
-from quantserve.runtime.router import Candidate, KernelPolicy, _CANDIDATES, m_bucket, register_candidate, route, shape_key
+from quantserve.runtime.candidates import Candidate, scoped_candidate
+from quantserve.runtime.router import KernelPolicy, m_bucket, route, shape_key
 
 from .tiny_models import save_tiny
 
@@ -70,14 +71,12 @@ def test_autotune_stores_winners_and_a_warm_start_tunes_nothing(nf4_model, tmp_p
 
 
 def test_a_kernel_that_strays_from_the_reference_is_rejected(nf4_model):
-    wrong = register_candidate(Candidate("wrong", lambda x, w, b: torch.zeros(x.shape[0], w.out_features, dtype=x.dtype),
-                                         lambda layer, device: (True, ""), 1, "a broken kernel"))
-    try:
+    wrong = Candidate("wrong", lambda x, w, b: torch.zeros(x.shape[0], w.out_features, dtype=x.dtype),
+                      lambda layer, device: (True, ""), 1, "a broken kernel")
+    with scoped_candidate(wrong):
         result = tune_layer(nf4_model.proj_out_1, "proj_out_1", 8, torch.device("cpu"))
         assert "wrong" in result.rejected and "strays" in result.rejected["wrong"]
         assert result.winner in ("cpu_fused", "cpu_dequant", "native", "reference")
-    finally:
-        del _CANDIDATES[wrong.name]
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

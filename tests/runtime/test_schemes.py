@@ -52,3 +52,10 @@ def test_resolve_accepts_names_configs_and_dicts():
     assert resolve_quantization_config({"quant_method": "gguf"}).quant_method is QuantizationMethod.GGUF
     with pytest.raises(TypeError, match="scheme name"):
         resolve_quantization_config(4)
+
+
+def test_the_gguf_backend_names_exactly_the_gguf_schemes():
+    """backends/gguf.py lists the types its quantize-on-load schemes pack into (it may not import this table)."""
+    from quantserve.runtime.backends.gguf import ON_LOAD_TYPES, scheme_name
+
+    assert {s.name: s.gguf_type for s in SCHEMES.values() if s.gguf_type} == {scheme_name(t): t for t in ON_LOAD_TYPES}

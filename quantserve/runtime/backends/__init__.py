@@ -1,5 +1,5 @@
 """The five backends, each registered for its config class: `backend_for(config)` picks the handler."""
 
-from .base import Backend, QuantizedWeight, backend_for, registered_backends
+from .base import Backend, NoPackedFormat, QuantizedWeight, backend_for
 
-__all__ = ["Backend", "QuantizedWeight", "backend_for", "registered_backends"]
+__all__ = ["Backend", "NoPackedFormat", "QuantizedWeight", "backend_for"]

@@ -1,25 +1,57 @@
 """What every backend provides: a quantized weight in its own layout, and a handler that makes and restores one.
 
-A layer's quantization has a clear lifecycle (build, load, route, run):
-- build: the loader plans which Linear layers a backend quantizes (`Backend.can_quantize`);
-- load: `Backend.quantize` turns a dense weight into a `QuantizedWeight` (quantize on load), or
-  `Backend.from_packed` rebuilds one from the tensors a pre-quantized checkpoint holds;
-- route and run: `QuantLinear` calls the kernel the router picked; the backend's own path is `QuantizedWeight.linear`,
-  the torch reference is `F.linear(x, QuantizedWeight.dequantize(dtype))`.
+One quantized layer has one lifecycle, read as vLLM's (`create_weights`, `process_weights_after_loading`, `apply`),
+on one `Backend` object per config (`backend_for(config)`):
+
+1. create (plan): `Backend.create(name, module)` says whether this backend quantizes that layer, and why not
+   (backends override `can_quantize`); the loader keeps the others dense.
+2. load: the loader asks, in order, `Backend.read_checkpoint_layer` (a checkpoint the backend's own library or
+   diffusers wrote), `Backend.from_packed` (the tensors `QuantizedWeight.packed_tensors` gave when quantserve saved
+   it), else `Backend.quantize` (a dense weight, quantized on load); each gives a `QuantizedWeight`, placed into a
+   `QuantLinear` (runtime/quant_linear.py).
+3. process after loading: `Backend.process_after_loading(model, forward_loop)` once every weight is in place
+   (ModelOpt calibrates activation scales here; backends override `after_load`).
+4. apply: `QuantLinear.forward` runs the kernel the router picked (runtime/router.py, runtime/candidates.py):
+   quantserve's kernels take `QuantizedWeight.packed()`, a `quantserve.kernels.formats` object over the weight's own
+   buffers; the backend's own kernel is `QuantizedWeight.linear` (offered only where a weight class has one); the
+   torch reference is `F.linear(x, QuantizedWeight.dequantize(dtype))`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...kernels.formats import FormatError, PackedWeight
 from ..config import QuantizationConfigMixin
-from .chunking import CHUNK_ELEMENTS
+from ..chunking import CHUNK_ELEMENTS
 
 _BACKENDS: dict[type[QuantizationConfigMixin], type[Backend]] = {}
+_PACKED_CACHE = "_quantserve_packed_format"
+
+
+def json_dtype(name: Any) -> torch.dtype | None:
+    """A dtype from the name a weight's JSON meta holds ("bfloat16", "torch.bfloat16", or torchao's
+    {"_type": "torch.dtype", "_data": "bfloat16"}); None for None."""
+    if isinstance(name, dict):
+        name = name.get("_data")
+    if name is None:
+        return None
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise FormatError(f"{name!r} is not a torch dtype")
+    return value
+
+
+class NoPackedFormat(FormatError):
+    """A weight with no `quantserve.kernels.formats` form (no quantserve kernel takes it), and why."""
+
+    def __init__(self, fmt: str, why: str = ""):
+        self.fmt, self.why = fmt, why
+        super().__init__(f"format {fmt} has no packed form" + (f": {why}" if why else ""))
 
 
 class QuantizedWeight(nn.Module):
@@ -27,7 +59,8 @@ class QuantizedWeight(nn.Module):
 
     Subclasses register their packed tensors with `register_buffer` and keep everything else needed to rebuild the
     weight in `meta` (JSON values only: block size, quant type, dtype names). `fmt` names the packed layout
-    (e.g. "nf4", "int8_rows", "gguf:Q4_K"); it appears in load reports and picks kernels.
+    (e.g. "nf4", "int8_rows", "gguf:Q4_K"); it appears in load reports and keys the autotune cache. `packed()` hands
+    the weight to quantserve's kernels as a packed format object; subclasses build it in `_packed`.
     """
 
     backend: ClassVar[str] = ""
@@ -45,6 +78,31 @@ class QuantizedWeight(nn.Module):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ W.T + bias through the backend's own kernel; by default the reference path."""
         return torch.nn.functional.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @classmethod
+    def has_own_kernel(cls) -> bool:
+        """Whether this weight class runs through a kernel of its backend (its own `linear`), not the reference."""
+        return cls.linear is not QuantizedWeight.linear
+
+    def packed(self) -> PackedWeight:
+        """This weight as a `quantserve.kernels.formats` object (views of its buffers, no copy), built once and
+        cached on the weight until its buffers change (e.g. after `.to()`); `NoPackedFormat` says why there is none."""
+        key = tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+                    for name, t in self.named_buffers(recurse=False) if t is not None)
+        cached = self.__dict__.get(_PACKED_CACHE)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        packed = self._packed()
+        shape = tuple(int(s) for s in packed.shape)
+        if shape != (self.out_features, self.in_features):
+            raise FormatError(f"{self.fmt}: the packed weight is {shape}, the layer "
+                              f"{(self.out_features, self.in_features)}")
+        self.__dict__[_PACKED_CACHE] = (key, packed)
+        return packed
+
+    def _packed(self) -> PackedWeight:
+        """Build the packed format object (subclasses); by default there is none."""
+        raise NoPackedFormat(self.fmt)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores for this weight, by name (the buffers unless a subclass says otherwise)."""
@@ -85,7 +143,11 @@ class Backend:
         # weights per step when a quantizer runs over row chunks of a big layer (bounds its temporaries)
         self.chunk_elements = CHUNK_ELEMENTS
 
-    # planning
+    # 1. create (plan)
+    def create(self, name: str, module: nn.Module) -> tuple[bool, str]:
+        """Lifecycle step 1: whether this backend quantizes layer `name`, and why not when it does not."""
+        return self.can_quantize(name, module)
+
     def skip_patterns(self) -> list[str]:
         """Module-name patterns this config keeps unquantized (diffusers matches them as substrings of the name)."""
         return list(getattr(self.config, "modules_to_not_convert", None) or [])
@@ -96,7 +158,7 @@ class Backend:
             return False, "not a Linear layer"
         return True, ""
 
-    # loading
+    # 2. load: read_checkpoint_layer, else from_packed, else quantize (the loader tries them in that order)
     def quantize(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
         """A dense (out, in) weight, as stored in the checkpoint, to this backend's quantized weight."""
         raise NotImplementedError
@@ -123,11 +185,14 @@ class Backend:
         """Write the weights of `model` into `out_dir` in this backend's own file format; return the file names."""
         raise NotImplementedError
 
+    # 3. process after loading
+    def process_after_loading(self, model: nn.Module,
+                              forward_loop: Callable[[nn.Module], None] | None = None) -> None:
+        """Lifecycle step 3, once every weight is in place: the backend's `after_load`."""
+        self.after_load(model, forward_loop)
+
     def after_load(self, model: nn.Module, forward_loop: Callable[[nn.Module], None] | None = None) -> None:
         """Hook run once every weight is in place (ModelOpt calibrates activation scales here)."""
-
-    def describe(self) -> str:
-        return self.config.summary()
 
 
 def backend_for(config: QuantizationConfigMixin, compute_dtype: torch.dtype = torch.bfloat16, **options: Any) -> Backend:
@@ -140,8 +205,3 @@ def backend_for(config: QuantizationConfigMixin, compute_dtype: torch.dtype = to
     known = ", ".join(sorted(c.__name__ for c in _BACKENDS))
     raise TypeError(f"quantization_config: no backend handles {type(config).__name__}; known: {known}")
 
-
-def registered_backends() -> Iterable[type[Backend]]:
-    from . import registered  # noqa: F401
-
-    return tuple(_BACKENDS.values())

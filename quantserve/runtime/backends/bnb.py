@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.formats import BnB4bit, Int8Rows
 from ..config import BitsAndBytesConfig, dtype_name
-from .base import Backend, QuantizedWeight
+from .base import Backend, QuantizedWeight, json_dtype
 from ..memory import release_freed_memory
-from .chunking import map_rows
+from ..model_files import CheckpointError
+from ..chunking import map_rows
 
 BLOCKSIZE_4BIT = 64
 # bitsandbytes' CPU quantizer allocates ~15 bytes of temporaries per weight: quantize big layers in row chunks
@@ -52,6 +54,20 @@ class BnB4bitWeight(QuantizedWeight):
         w = _bnb().functional.dequantize_4bit(self.data, self.quant_state(), quant_type=self.meta["quant_type"])
         return w.to(dtype)
 
+    def _packed(self) -> BnB4bit:
+        """bitsandbytes' own buffers, viewed as uint8 codes (any quant_storage) with their (nested) absmax."""
+        qs = self.meta["quant_state"]
+        data = self.data if self.data.dtype == torch.uint8 else self.data.view(torch.uint8)
+        nested = getattr(self, "nested_absmax", None)
+        extra: dict[str, Any] = {}
+        if nested is not None:
+            extra = dict(nested_absmax=nested.reshape(-1), nested_quant_map=self.nested_quant_map.reshape(-1),
+                         nested_blocksize=int(qs.get("nested_blocksize", 256)),
+                         offset=float(qs.get("nested_offset", 0.0)))
+        return BnB4bit(data.reshape(-1), self.absmax.reshape(-1), self.quant_map.reshape(-1), tuple(qs["shape"]),
+                       blocksize=int(qs["blocksize"]), quant_type=qs["quant_type"], dtype=json_dtype(qs["dtype"]),
+                       **extra)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         state = self.quant_state()
         bias = None if bias is None else bias.to(state.dtype)
@@ -71,6 +87,9 @@ class BnBInt8Weight(QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.CB.float() * (self.SCB.float()[:, None] / 127.0)).to(dtype)
+
+    def _packed(self) -> Int8Rows:
+        return Int8Rows(self.CB, self.SCB.reshape(-1), divisor=127.0)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         bnb = _bnb()
@@ -148,6 +167,9 @@ class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
                     out_features: int, in_features: int) -> QuantizedWeight:
         if fmt == "int8_rows":
             return BnBInt8Weight(tensors["CB"], tensors["SCB"], meta)
+        if fmt not in ("nf4", "fp4"):
+            raise CheckpointError(f"bitsandbytes backend: layer {name!r}: stored fmt {fmt!r} is not a bitsandbytes format; "
+                             "accepted: 'nf4', 'fp4', 'int8_rows'")
         state = {k: v for k, v in tensors.items() if k != "data"}
         return BnB4bitWeight(tensors["data"], state, meta)
 

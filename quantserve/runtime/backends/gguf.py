@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.formats import GGUFBlocks
 from ...kernels.gguf import BLOCK_SIZES, QUANTIZED_TYPES, block_size, dequantize_gguf, qtype_name, row_bytes
 from ..config import GGUFQuantizationConfig
 from ..model_files import CheckpointError
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "model.gguf"
 # types a QuantLinear may hold: the block-quantized ones, and BF16 (raw bf16 bytes) for completeness
 WEIGHT_TYPES = (*QUANTIZED_TYPES, "BF16")
+# the types the gguf-* schemes quantize into on load (named by `scheme_name`)
+ON_LOAD_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
 
 
 class GGUFWeight(QuantizedWeight):
@@ -53,14 +56,13 @@ class GGUFWeight(QuantizedWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_gguf(self.data, self.qtype, (self.out_features, self.in_features), dtype)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    def _packed(self) -> GGUFBlocks:
+        return GGUFBlocks(self.data, self.qtype, (self.out_features, self.in_features))
 
 
-def _gguf_schemes() -> str:
-    from ..schemes import SCHEMES
-
-    return ", ".join(f"{s.name} ({s.gguf_type})" for s in SCHEMES.values() if s.gguf_type)
+def scheme_name(qtype: str) -> str:
+    """The name of the scheme that quantizes into `qtype` on load (schemes.py builds its gguf-* rows with it)."""
+    return f"gguf-{qtype.lower()}"
 
 
 class GGUFBackend(Backend, config=GGUFQuantizationConfig):
@@ -97,7 +99,8 @@ class GGUFBackend(Backend, config=GGUFQuantizationConfig):
         qtype = self.gguf_type()
         if qtype is None:
             raise ValueError(f"gguf backend: cannot quantize {name!r}: no gguf_type given. GGUFQuantizationConfig alone "
-                             f"only reads .gguf files; to quantize on load use a gguf-* scheme: {_gguf_schemes()}")
+                             f"only reads .gguf files; to quantize on load use a gguf-* scheme: "
+                             + ", ".join(f"{scheme_name(t)} ({t})" for t in ON_LOAD_TYPES))
         if weight.dim() != 2:
             raise ValueError(f"gguf backend: {name!r}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         raw = quantize_gguf(weight, qtype, chunk_elements=self.chunk_elements).to(weight.device)

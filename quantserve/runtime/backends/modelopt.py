@@ -47,10 +47,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.formats import NVFP4, Float8, Int4Blocks, Int8Rows, PackedWeight
+from ..chunking import absmax, map_rows, needs_chunks
 from ..config import NVIDIAModelOptConfig, dtype_name
 from ..errors import BackendUnavailableError, ConfigValueError
-from .base import Backend, QuantizedWeight
-from .chunking import absmax, map_rows, needs_chunks
+from .base import Backend, NoPackedFormat, QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +502,21 @@ class ModelOptWeight(QuantizedWeight):
             raise BackendUnavailableError(f"modelopt {self.fmt} layer: {CUDA_ONLY_ACTIVATIONS[self.activation]} "
                                           f"(this input is on {x.device})")
         return quantizer(x)
+
+    def _packed(self) -> PackedWeight:
+        """NVFP4 in blocks of 16, INT4 in blocks along one axis, FP8 and INT8 per tensor or per output row: modelopt's
+        own codes and scales, viewed; the other layouts (NF4, other blocks) have no quantserve kernel."""
+        kind, dims = self.meta["kind"], _block_dims(self._block_sizes)
+        n, k = self.out_features, self.in_features
+        if kind == "nvfp4" and dims == {-1: 16}:
+            return NVFP4(self.weight.reshape(n, -1), self.scale.reshape(n, -1), self.double_scale.reshape(1).float(), 16)
+        if kind == "int4" and len(dims) == 1:
+            return Int4Blocks(self.weight.reshape(n, -1), self.scale.reshape(-1), next(iter(dims.values())))
+        if self.fmt in ("modelopt:fp8", "modelopt:fp8_axis0"):
+            return Float8(self.weight.reshape(n, k), self.scale.reshape(-1))
+        if self.fmt == "modelopt:int8_axis0":
+            return Int8Rows(self.weight.reshape(n, k), self.scale.reshape(-1))
+        raise NoPackedFormat(self.fmt)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of this module's state dict: codes, scales and the input amax (keys as the state dict names them)."""

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.formats import Float8, FormatError, Int8Rows, PackedWeight, QuantoGrouped
+from ..chunking import map_rows
 from ..config import QuantoConfig, dtype_name
 from ..model_files import CheckpointError
 from .base import Backend, QuantizedWeight
-from .chunking import map_rows
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,22 @@ class QuantoWeight(QuantizedWeight):
         super()._load_from_state_dict(*args, **kwargs)
 
     # --- the QuantizedWeight interface ---------------------------------------------------------------------
+    def _packed(self) -> PackedWeight:
+        """quanto's own buffers, viewed: int8 -> Int8Rows, float8 -> Float8, int4/int2 -> QuantoGrouped (axis 0)."""
+        axis = self.meta.get("axis", 0)
+        if axis not in (0, None):
+            raise FormatError(f"quanto weight axis {axis}: quantserve's kernels take axis 0 (per output row) only")
+        qtype = _qtype(self.meta["qtype"])
+        if qtype.bits == 8 and qtype.is_floating_point:
+            return Float8(self.data, self.scale.reshape(-1), dtype=self.scale.dtype)
+        if qtype.bits == 8:
+            return Int8Rows(self.data, self.scale.reshape(-1), dtype=self.scale.dtype)
+        if axis is None:
+            raise FormatError(f"quanto weight axis {axis}: quantserve's kernels take axis 0 (per output row) only")
+        return QuantoGrouped(self.data, self.scale.reshape(-1), self.shift.reshape(-1),
+                             (self.out_features, self.in_features),
+                             int(self.meta.get("block") or self.meta.get("group_size") or self.in_features), qtype.bits)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """quanto's own dequantization of the generic QTensor: scale * data (minus the shift for int4/int2)."""
         with torch.no_grad():

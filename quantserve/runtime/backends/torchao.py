@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.formats import Float8, Int8Rows, PackedWeight
 from ...kernels.int4 import (
     Int4Grouped,
     dequantize_int4_grouped,
@@ -36,8 +37,8 @@ from ...kernels.int4 import (
 from ..config import TorchAoConfig
 from ..errors import BackendUnavailableError, ConfigValueError
 from ..model_files import CheckpointError
-from .base import Backend, QuantizedWeight
-from .chunking import absmax, map_rows, needs_chunks
+from .base import Backend, NoPackedFormat, QuantizedWeight, json_dtype
+from ..chunking import absmax, map_rows, needs_chunks
 
 FMT_INT4 = "int4_grouped"
 FMT_PREFIX = "torchao:"
@@ -303,6 +304,37 @@ class TorchAoWeight(QuantizedWeight):
         y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
         return y.to(x.dtype)
 
+    def _packed(self) -> PackedWeight:
+        """int8 per row and float8 per row or tensor, weight-only: torchao's own qdata and scale, viewed."""
+        if "+dyn_" in self.fmt:
+            raise NoPackedFormat(self.fmt, "its activations are quantized dynamically by torchao, and quantserve's "
+                                           "kernels are weight-only")
+        build = _PACKED.get(self.fmt)
+        if build is None:
+            raise NoPackedFormat(self.fmt)
+        return build(self)
+
+
+def _int8_rows(w: TorchAoWeight) -> Int8Rows:
+    zero = getattr(w, "zero_point", None)
+    return Int8Rows(w.qdata, w.scale.reshape(-1), None if zero is None else zero.reshape(-1), dtype=_dtype_of(w))
+
+
+def _float8(w: TorchAoWeight) -> Float8:
+    return Float8(w.qdata, w.scale.reshape(-1), dtype=_dtype_of(w))
+
+
+def _dtype_of(w: TorchAoWeight) -> torch.dtype | None:
+    """The dtype torchao's description records for the dense weight (the output dtype of its dequantize)."""
+    return json_dtype((w.meta.get("torchao", {}).get("_data") or {}).get("dtype"))
+
+
+# the formats `fmt_of` names that quantserve's kernels take (weight-only), and how to view them
+_PACKED = {
+    FMT_PREFIX + "int8_rows": _int8_rows,
+    **{f"{FMT_PREFIX}float8_{flavour}_{gran}": _float8 for flavour in ("e4m3", "e5m2") for gran in ("rows", "tensor")},
+}
+
 
 class Int4GroupedWeight(QuantizedWeight):
     """quantserve's int4_grouped (torchao Int4Tensor's layout): two codes per byte, bf16 scale and zero per group."""
@@ -316,7 +348,7 @@ class Int4GroupedWeight(QuantizedWeight):
         self.register_buffer("scale", packed.scale)
         self.register_buffer("zero_point", packed.zero_point)
 
-    def packed(self) -> Int4Grouped:
+    def _packed(self) -> Int4Grouped:
         return Int4Grouped(self.qdata, self.scale, self.zero_point, int(self.meta["group_size"]))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quantserve.runtime.backends.base import backend_for
-from quantserve.runtime.backends.chunking import CHUNK_ELEMENTS, absmax, map_rows, rows_per_chunk
+from quantserve.runtime.chunking import CHUNK_ELEMENTS, absmax, map_rows, rows_per_chunk
 from quantserve.runtime.loader import resolve_with_options
 
 OUT, IN = 80, 256  # 80 rows: chunks of 12 leave a ragged tail of 8

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from ..memory import release_freed_memory
+from .memory import release_freed_memory
 
 # ~4 M weights per chunk: a float32 temporary of 16 MiB
 CHUNK_ELEMENTS = 1 << 22
