@@ -16,13 +16,10 @@ import pytest
 import requests
 from PIL import Image
 
-from quantserve.serve_cli import (
-    add_serve_commands,
-    generations_url,
-    main,
-    percentile,
-    summarize,
-)
+from quantserve.cli import main
+from quantserve.serve.client import generations_url
+from quantserve.serve.loadtest import percentile, summarize
+from quantserve.serve_cli import add_serve_commands
 
 from .conftest import RunningApp
 from .helpers import MODEL_DIR, free_port, wait_for
@@ -46,7 +43,7 @@ def test_serve_starts_serves_and_stops_cleanly_on_sigint(tmp_path: Path) -> None
         args = [str(config)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     stderr = (tmp_path / "stderr.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "quantserve.serve_cli", "serve", *args, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "quantserve", "serve", *args, "--port", str(port),
                              "--metrics-port", str(metrics_port)],
                             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     lines: list[str] = []

@@ -254,7 +254,7 @@ def test_quantized_text_encoder_and_denoiser_variant(flux: LoadedVariant) -> Non
 
 def test_generate_locally_writes_the_images_a_replica_makes(flux: LoadedVariant, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from quantserve.serve_cli import main
+    from quantserve.cli import main
 
     out = tmp_path / "pngs"
     assert main(["generate", "--model", str(tiny_pipeline_dir("flux")), "--prompt", "a red car", "--size", "48x32",
@@ -271,7 +271,7 @@ def test_generate_locally_writes_the_images_a_replica_makes(flux: LoadedVariant,
 
 def test_generate_locally_with_a_component_mapping_and_its_errors(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    from quantserve.serve_cli import main
+    from quantserve.cli import main
 
     model = str(tiny_pipeline_dir("flux"))
     common = ["--prompt", "a red car", "--steps", "1", "--seed", "0", "--dtype", "float32", "--no-progress"]
