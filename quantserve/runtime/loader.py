@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.atomic_write import atomic_directory
 from .backends.base import Backend, QuantizedWeight, backend_for
 from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
 from .errors import ConfigTypeError, ConfigValueError
@@ -331,17 +330,6 @@ def _checkpoint_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, tor
     return tensors, layers
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to `out`, replacing what was there only once the new one is complete."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def write_model(model: nn.Module, folder: Path) -> None:
     """config.json (with the quantization_config) and the weights of a loaded model, into an existing `folder`:
     safetensors with quantserve's packed layers, or the backend's own file (a .gguf for GGUF)."""
@@ -363,17 +351,11 @@ def save_quantized(model: Any, out_dir: str | os.PathLike[str]) -> Path:
     and the packed tensors), or of a whole pipeline loaded by `load_pipeline` (every component, model_index.json).
     Written to a temporary directory, then renamed into place: a failure leaves what was at `out_dir` intact."""
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         if isinstance(model, nn.Module):
             write_model(model, tmp)
         else:
             from .pipeline import write_pipeline
 
             write_pipeline(model, tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
