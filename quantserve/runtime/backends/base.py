@@ -33,19 +33,6 @@ _BACKENDS: dict[type[QuantizationConfigMixin], type[Backend]] = {}
 _PACKED_CACHE = "_quantserve_packed_format"
 
 
-def json_dtype(name: Any) -> torch.dtype | None:
-    """A dtype from the name a weight's JSON meta holds ("bfloat16", "torch.bfloat16", or torchao's
-    {"_type": "torch.dtype", "_data": "bfloat16"}); None for None."""
-    if isinstance(name, dict):
-        name = name.get("_data")
-    if name is None:
-        return None
-    value = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise FormatError(f"{name!r} is not a torch dtype")
-    return value
-
-
 class NoPackedFormat(FormatError):
     """A weight with no `quantserve.kernels.formats` form (no quantserve kernel takes it), and why."""
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ...kernels.formats import BnB4bit, Int8Rows
 from ..config import BitsAndBytesConfig, dtype_name
-from .base import Backend, QuantizedWeight, json_dtype
+from ..dtypes import dtype_from_name
+from .base import Backend, QuantizedWeight
 from ..memory import release_freed_memory
 from ..model_files import CheckpointError
 from ..chunking import map_rows
@@ -65,7 +66,7 @@ class BnB4bitWeight(QuantizedWeight):
                          nested_blocksize=int(qs.get("nested_blocksize", 256)),
                          offset=float(qs.get("nested_offset", 0.0)))
         return BnB4bit(data.reshape(-1), self.absmax.reshape(-1), self.quant_map.reshape(-1), tuple(qs["shape"]),
-                       blocksize=int(qs["blocksize"]), quant_type=qs["quant_type"], dtype=json_dtype(qs["dtype"]),
+                       blocksize=int(qs["blocksize"]), quant_type=qs["quant_type"], dtype=dtype_from_name(qs["dtype"], field_name="quant_state.dtype"),
                        **extra)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
