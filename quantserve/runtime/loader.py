@@ -123,6 +123,7 @@ class _Loader:
         self.used: set[str] = set()
         self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if keep_fp32 is None else keep_fp32
         self.tied = dict(tied or {})  # parameter -> the one it is tied to; the checkpoint may hold only the latter
+        self.to_tie: list[str] = []  # tied parameters the checkpoint left out: restored from their source
 
     def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
         if key not in self.source:
@@ -170,6 +171,7 @@ class _Loader:
             if not tensor.is_meta and name in self.used:
                 continue
             if name in self.tied and name not in self.source and self.tied[name] in self.source:
+                self.to_tie.append(name)
                 continue  # tied: restored from its source once that is loaded
             loaded = self.tensor(name, tuple(tensor.shape))
             if tensor.is_floating_point() and (not loaded.is_floating_point() or loaded.element_size() == 1):
@@ -256,7 +258,8 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
                 del q
                 release_freed_memory()  # the quantizer's freed temporaries, before the next layer's
         loader.dense_rest()
-        lib.tie(model)
+        if loader.to_tie:  # as transformers does: a checkpoint holding both tensors keeps both as stored
+            lib.tie(model)
         loader.leftovers()
     if backend is not None:
         backend.process_after_loading(model, forward_loop)
@@ -342,7 +345,10 @@ def write_model(model: nn.Module, folder: Path) -> None:
     if backend is not None and backend.writes_own_checkpoint():
         backend.save_checkpoint(model, folder)
         return
-    tensors, layers = _checkpoint_tensors(model, set(lib.tied_targets(model)))
+    state = model.state_dict()
+    tied = {t for t, src in lib.tied_targets(model).items()  # stored once when really shared, as transformers does
+            if t in state and src in state and state[t].data_ptr() == state[src].data_ptr()}
+    tensors, layers = _checkpoint_tensors(model, tied)
     save_file(tensors, str(folder / lib.weights_name), metadata={"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
 
 

@@ -294,3 +294,31 @@ def test_cli_quantizes_and_explains_a_pipeline_directory(tmp_path, capsys):
                  str(tmp_path / "x")]) == 1
     assert "transformer=nf5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tied_weights_follow_transformers(tmp_path):
+    """T5's embed_tokens is tied to shared when the checkpoint stores only shared; when it stores both with different
+    values, transformers keeps both as stored, and so does quantserve (loading and saving again)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from quantserve.runtime import load_model
+
+    config = transformers.T5Config(vocab_size=64, d_model=64, d_ff=128, num_layers=1, num_heads=2, d_kv=32,
+                                   feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    ids = torch.tensor([[3, 4, 5, 1]])
+    tied = load_model(tmp_path / "t5", torch_dtype=torch.float32)
+    assert tied.shared.weight is tied.encoder.embed_tokens.weight
+    weights = tmp_path / "t5" / "model.safetensors"
+    state = load_file(weights)
+    state["encoder.embed_tokens.weight"] = state["shared.weight"] + 1
+    save_file(state, weights, metadata={"format": "pt"})
+    theirs = transformers.T5EncoderModel.from_pretrained(tmp_path / "t5")
+    ours = load_model(tmp_path / "t5", torch_dtype=torch.float32)
+    again = load_model(save_quantized(ours, tmp_path / "t5-again"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).last_hidden_state
+        assert torch.equal(ours(input_ids=ids).last_hidden_state, expected)
+        assert torch.equal(again(input_ids=ids).last_hidden_state, expected)
