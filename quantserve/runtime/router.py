@@ -43,15 +43,11 @@ class KernelPolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> KernelPolicy:
-        data = dict(data or {})
-        unknown = sorted(set(data) - {"force", "disable"})
-        if unknown:
-            raise ValueError(f"kernel_policy: unknown keys {unknown}; accepted: 'force', 'disable'")
-        force = data.get("force") or {}
-        disable = data.get("disable") or {}
-        if isinstance(disable, (list, tuple)):
-            disable = {"*": list(disable)}
-        policy = cls(dict(force), {k: list(v) if not isinstance(v, str) else [v] for k, v in disable.items()})
+        """A policy from its config form, checked by the one schema (runtime/kernel_policy.py) serve uses too."""
+        from .kernel_policy import validate_kernel_policy
+
+        normal = validate_kernel_policy(data)
+        policy = cls(dict(normal.get("force", {})), {k: list(v) for k, v in normal.get("disable", {}).items()})
         policy.validate()
         return policy
 
