@@ -25,11 +25,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, or disagrees with the model's config; the message names file and tensor."""
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """config.json of a model directory, as a dict; errors name the file."""
-    path = folder / CONFIG_NAME
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from a file; errors name the file (`missing` says what the file is, when it is absent)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a diffusers model directory holds config.json beside its weights)")
+        raise CheckpointError(f"{path}: missing ({missing})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -37,6 +36,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a model directory, as a dict; errors name the file."""
+    return read_json_object(folder / CONFIG_NAME, "a diffusers model directory holds config.json beside its weights")
 
 
 class TensorSource:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ConfigValueError
 from .model_classes import ComponentClass, ModelLibrary
-from .model_files import CONFIG_NAME, CheckpointError
+from .model_files import CONFIG_NAME, CheckpointError, read_json_object
 from .pipeline_config import component_specs
 from .report import LayerReport, LoadReport
 
@@ -42,16 +42,7 @@ class ComponentError(ValueError):
 
 def read_index(folder: Path) -> dict[str, Any]:
     """model_index.json as a dict; errors name the file."""
-    path = folder / INDEX_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a diffusers pipeline directory holds model_index.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(folder / INDEX_NAME, "a diffusers pipeline directory holds model_index.json")
 
 
 def pipeline_class(index: Mapping[str, Any], where: Path) -> type:
