@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels.atomic_write import atomic_directory
-from .backends.base import Backend, QuantizedWeight, backend_for
+from .backends.base import Backend, backend_for
 from .config import GGUFQuantizationConfig, QuantizationConfigMixin, quantization_config_from_dict
 from .errors import ConfigTypeError, ConfigValueError
 from .memory import release_freed_memory
@@ -32,7 +32,6 @@ from .schemes import SCHEMES, get_scheme
 logger = logging.getLogger(__name__)
 
 LAYERS_METADATA_KEY = "quantserve.layers"
-QWEIGHT = "qweight"
 
 
 # --- choosing the model class and the config ------------------------------------------------------------------
@@ -114,7 +113,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 # --- streaming tensors in -------------------------------------------------------------------------------------
 
 class _Loader:
-    """One load: tensors stream from `source` into `model`; errors name the file and the tensor."""
+    """One load: tensors stream from `source` into `model`; errors name the file and the tensor. It is the
+    `LayerReader` each quantized layer's `Backend.load` reads through."""
 
     def __init__(self, model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
                  config_path: Path, tied: Mapping[str, str] | None = None, keep_fp32: list[str] | None = None):
@@ -141,28 +141,17 @@ class _Loader:
             return tensor.dtype
         return torch.float32 if _matches(name, self.keep_fp32) else self.dtype
 
-    def quantized_layer(self, name: str, linear: nn.Linear, backend: Backend, layers_meta: Mapping[str, Any],
-                        pre_quantized: bool) -> tuple[QuantizedWeight | None, str]:
-        shape = (linear.out_features, linear.in_features)
-        q = backend.read_checkpoint_layer(name, self.source)
-        if q is not None:
-            if (q.out_features, q.in_features) != shape:
-                raise CheckpointError(f"{self.source.path}: tensor {name + '.weight'!r} has shape "
-                                      f"{(q.out_features, q.in_features)}, but {self.config_path} describes a model "
-                                      f"that needs {shape}")
-            self.used.update(backend.checkpoint_keys(name, self.source))
-            return q, ""
-        if name in layers_meta:
-            entry = layers_meta[name]
-            if tuple(entry["shape"]) != shape:
-                raise CheckpointError(f"{self.source.path}: layer {name!r} is stored as {tuple(entry['shape'])}, but "
-                                      f"{self.config_path} describes {shape}")
-            tensors = {t: self.tensor(f"{name}.{QWEIGHT}.{t}", None) for t in entry["tensors"]}
-            return backend.from_packed(name, entry["fmt"], entry["meta"], tensors, *shape), ""
-        dense = self.tensor(f"{name}.weight", shape)
-        if pre_quantized:
-            return None, "stored dense in the pre-quantized checkpoint"
-        return backend.quantize(name, dense.to(self.device)), ""
+    # the LayerReader `Backend.load` reads a layer through (`tensor` above, `source`, `device`)
+    def mark_used(self, keys: Iterable[str]) -> None:
+        self.used.update(keys)
+
+    def checkpoint_shape_error(self, name: str, stored: tuple[int, ...], needed: tuple[int, ...]) -> CheckpointError:
+        return CheckpointError(f"{self.source.path}: tensor {name + '.weight'!r} has shape {stored}, but "
+                               f"{self.config_path} describes a model that needs {needed}")
+
+    def packed_shape_error(self, name: str, stored: tuple[int, ...], needed: tuple[int, ...]) -> CheckpointError:
+        return CheckpointError(f"{self.source.path}: layer {name!r} is stored as {stored}, but {self.config_path} "
+                               f"describes {needed}")
 
     def dense_rest(self) -> None:
         for name, tensor in list(self.model.state_dict(keep_vars=True).items()):
@@ -247,7 +236,8 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
 
         for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",
                                  unit="layer", disable=not progress or not planned):
-            q, why = loader.quantized_layer(name, linear, backend, layers_meta, pre_quantized)
+            q, why = backend.load(name, (linear.out_features, linear.in_features), loader, layers_meta.get(name),
+                                  pre_quantized)
             if q is None:
                 reasons[name] = why
                 continue

@@ -109,7 +109,7 @@ def test_bnb_4bit_equals_bitsandbytes_dequantize_4bit(quant_type, blocksize, nes
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_bnb_backend_weights_through_the_adapter(quant_type, double_quant, no_compile):
+def test_bnb_backend_weights_through_packed(quant_type, double_quant, no_compile):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
     # K a multiple of the block size: bitsandbytes 0.50's CPU C kernel misdecodes e.g. (48, 96) in blocks of 64
@@ -119,7 +119,7 @@ def test_bnb_backend_weights_through_the_adapter(quant_type, double_quant, no_co
     assert nbytes(packed) == weight.nbytes
 
 
-def test_bnb_int8_rows_through_the_adapter():
+def test_bnb_int8_rows_through_packed():
     weight = backend_for(BitsAndBytesConfig(load_in_8bit=True)).quantize("layer", torch.randn(40, 72) * 0.02)
     packed = check_backend_weight(weight, Int8Rows)
     assert packed.divisor == 127.0 and shares_memory(packed, weight)
@@ -140,7 +140,7 @@ def _torchao_float8_per_tensor(weight: torch.Tensor):
     ("float8_tensor", "torchao:float8_e4m3_tensor", Float8),
     ("int4wo", "int4_grouped", Int4Grouped),
 ])
-def test_torchao_weights_through_the_adapter(quant_type, fmt, cls):
+def test_torchao_weights_through_packed(quant_type, fmt, cls):
     w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
     config = _torchao_float8_per_tensor(w) if quant_type == "float8_tensor" else TorchAoConfig(quant_type)
     weight = backend_for(config).quantize("layer", w)
@@ -151,7 +151,7 @@ def test_torchao_weights_through_the_adapter(quant_type, fmt, cls):
         assert_same(R.dequantize(packed, torch.bfloat16), weight.subclass().dequantize())
 
 
-def test_torchao_dynamic_activation_formats_have_no_adapter():
+def test_torchao_dynamic_activation_formats_have_no_packed_form():
     weight = TorchAoWeight("torchao:int8_rows+dyn_int8", {"shape": [4, 8]}, {})
     with pytest.raises(FormatError, match="dynamically"):
         weight.packed()
@@ -164,7 +164,7 @@ def test_torchao_dynamic_activation_formats_have_no_adapter():
 @pytest.mark.parametrize("shape", [(48, 96), (48, 256), (47, 200)], ids=["row_groups", "groups_of_128", "odd_rows"])
 @pytest.mark.parametrize("weights, cls", [("int8", Int8Rows), ("float8", Float8), ("int4", QuantoGrouped),
                                           ("int2", QuantoGrouped)])
-def test_quanto_weights_through_the_adapter(weights, cls, shape):
+def test_quanto_weights_through_packed(weights, cls, shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.02
     weight = backend_for(QuantoConfig(weights_dtype=weights), torch.bfloat16).quantize("layer", w)
     packed = check_backend_weight(weight, cls)
@@ -190,7 +190,7 @@ def test_quanto_float16_scales_round_in_float16():
     ({"quant_type": "INT8", "channel_quantize": 0}, "modelopt:int8_axis0", Int8Rows),
     ({"quant_type": "INT4", "channel_quantize": -1, "block_quantize": 128}, "modelopt:int4_block128", Int4Blocks),
 ], ids=["nvfp4", "fp8", "fp8_rows", "int8_rows", "int4_blocks"])
-def test_modelopt_weights_through_the_adapter(kwargs, fmt, cls):
+def test_modelopt_weights_through_packed(kwargs, fmt, cls):
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(4)) * 0.02
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -310,7 +310,7 @@ def test_dequantize_and_linear_refuse_what_they_cannot_run():
     assert y.dtype == torch.bfloat16 and torch.equal(y, torch.ones(2, 4, dtype=torch.bfloat16))
 
 
-def test_the_adapter_rebuilds_when_the_buffers_change():
+def test_packed_rebuilds_when_the_buffers_change():
     weight = backend_for(BitsAndBytesConfig(load_in_8bit=True)).quantize("layer", torch.randn(8, 16))
     first = weight.packed()
     weight.SCB = weight.SCB * 2  # a new tensor, as .to() would make

@@ -1,14 +1,21 @@
 """What every backend provides: a quantized weight in its own layout, and a handler that makes and restores one.
 
 One quantized layer has one lifecycle, read as vLLM's (`create_weights`, `process_weights_after_loading`, `apply`),
-on one `Backend` object per config (`backend_for(config)`):
+on one `Backend` object per config (`backend_for(config)`). One NF4 layer, from config to kernel: runtime/config.py
+(`BitsAndBytesConfig`) -> runtime/loader.py (plans, streams the tensors, routes; its errors name file and tensor)
+-> this file (`Backend.create` / `load` / `process_after_loading`) -> runtime/backends/bnb.py (the hooks `load`
+calls; `BnB4bitWeight.packed()` gives `kernels.formats.BnB4bit`) -> runtime/quant_linear.py (`QuantLinear.forward`
+calls the kernel runtime/router.py chose) -> kernels/cpu.py or kernels/triton_matmul.py.
 
 1. create (plan): `Backend.create(name, module)` says whether this backend quantizes that layer, and why not
    (backends override `can_quantize`); the loader keeps the others dense.
-2. load: the loader asks, in order, `Backend.read_checkpoint_layer` (a checkpoint the backend's own library or
-   diffusers wrote), `Backend.from_packed` (the tensors `QuantizedWeight.packed_tensors` gave when quantserve saved
-   it), else `Backend.quantize` (a dense weight, quantized on load); each gives a `QuantizedWeight`, placed into a
-   `QuantLinear` (runtime/quant_linear.py).
+2. load: `Backend.load(name, linear_shape, source, stored_layer_meta, pre_quantized)` tries, in order, the
+   backend's hooks `read_checkpoint_layer` (a checkpoint the backend's own library or diffusers wrote),
+   `from_packed` (quantserve's packed layout: the tensors `QuantizedWeight.packed_tensors` gave when quantserve
+   saved it, described by the safetensors metadata; the weight class whose `rebuilds(fmt)` says so rebuilds it,
+   looked up in the backend's `weight_classes`), else `quantize` (a dense weight, quantized on load); it reads
+   through `source`, a `LayerReader` (the loader: tensors, and errors naming file and tensor). The loader places
+   the `QuantizedWeight` it gives into a `QuantLinear` (runtime/quant_linear.py).
 3. process after loading: `Backend.process_after_loading(model, forward_loop)` once every weight is in place
    (ModelOpt calibrates activation scales here; backends override `after_load`).
 4. apply: `QuantLinear.forward` runs the kernel the router picked (runtime/router.py, runtime/candidates.py):
@@ -19,8 +26,8 @@ on one `Backend` object per config (`backend_for(config)`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +38,7 @@ from ..chunking import CHUNK_ELEMENTS
 
 _BACKENDS: dict[type[QuantizationConfigMixin], type[Backend]] = {}
 _PACKED_CACHE = "_quantserve_packed_format"
+QWEIGHT = "qweight"  # quantserve's packed layout stores layer `name`'s tensors as "{name}.qweight.{tensor}"
 
 
 class NoPackedFormat(FormatError):
@@ -51,12 +59,24 @@ class QuantizedWeight(nn.Module):
     """
 
     backend: ClassVar[str] = ""
+    # the fmt strings this class rebuilds from quantserve's packed layout (`rebuilds`, `from_stored`)
+    stored_fmts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, out_features: int, in_features: int, fmt: str, meta: dict[str, Any] | None = None):
         super().__init__()
         self.out_features, self.in_features = int(out_features), int(in_features)
         self.fmt = fmt
         self.meta: dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def rebuilds(cls, fmt: str) -> bool:
+        """Whether `from_stored` rebuilds a weight stored under `fmt` (by default: `fmt` is one of `stored_fmts`)."""
+        return fmt in cls.stored_fmts
+
+    @classmethod
+    def from_stored(cls, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """The weight from what quantserve's packed layout stored: its fmt, meta and `packed_tensors`."""
+        raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out_features, in_features) weight: the torch reference every kernel is held against."""
@@ -107,6 +127,26 @@ class QuantizedWeight(nn.Module):
         return f"{self.fmt}, out_features={self.out_features}, in_features={self.in_features}"
 
 
+class LayerReader(Protocol):
+    """What `Backend.load` reads one layer through (the loader's `_Loader`): the checkpoint, and errors that name
+    its file and tensor."""
+
+    source: Any  # the TensorSource, as `read_checkpoint_layer` reads it
+    device: torch.device  # where a dense weight is quantized
+
+    def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """Tensor `key` (checked against `shape` unless None), counted as used; a CheckpointError if absent."""
+
+    def mark_used(self, keys: Iterable[str]) -> None:
+        """Count tensors `read_checkpoint_layer` consumed as used."""
+
+    def checkpoint_shape_error(self, name: str, stored: tuple[int, ...], needed: tuple[int, ...]) -> Exception:
+        """The error for a layer the backend's own checkpoint holds in another shape than the model's."""
+
+    def packed_shape_error(self, name: str, stored: tuple[int, ...], needed: tuple[int, ...]) -> Exception:
+        """The error for a layer quantserve's packed layout stores in another shape than the model's."""
+
+
 class Backend:
     """Makes and restores the QuantizedWeights of one config class; registered per config type.
 
@@ -115,6 +155,8 @@ class Backend:
 
     name: ClassVar[str] = ""
     config_type: ClassVar[type[QuantizationConfigMixin]]
+    # the weight classes `from_packed` rebuilds, looked up by fmt (`weight_class`)
+    weight_classes: ClassVar[tuple[type[QuantizedWeight], ...]] = ()
 
     def __init_subclass__(cls, config: type[QuantizationConfigMixin] | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,19 +187,49 @@ class Backend:
             return False, "not a Linear layer"
         return True, ""
 
-    # 2. load: read_checkpoint_layer, else from_packed, else quantize (the loader tries them in that order)
+    # 2. load: read_checkpoint_layer, else from_packed, else quantize
+    def load(self, name: str, linear_shape: tuple[int, int], source: LayerReader,
+             stored_layer_meta: Mapping[str, Any] | None, pre_quantized: bool) -> tuple[QuantizedWeight | None, str]:
+        """Lifecycle step 2: layer `name`'s weight, or None and why it stays dense.
+
+        In order: the backend's own checkpoint layout (`read_checkpoint_layer`), quantserve's packed layout
+        (`stored_layer_meta`, the layer's entry in the safetensors metadata: `from_packed`), else the dense weight,
+        quantized on load (`quantize`); a pre-quantized checkpoint that stores the layer dense keeps it dense."""
+        shape = tuple(linear_shape)
+        q = self.read_checkpoint_layer(name, source.source)
+        if q is not None:
+            if (q.out_features, q.in_features) != shape:
+                raise source.checkpoint_shape_error(name, (q.out_features, q.in_features), shape)
+            source.mark_used(self.checkpoint_keys(name, source.source))
+            return q, ""
+        if stored_layer_meta is not None:
+            entry = stored_layer_meta
+            if tuple(entry["shape"]) != shape:
+                raise source.packed_shape_error(name, tuple(entry["shape"]), shape)
+            tensors = {t: source.tensor(f"{name}.{QWEIGHT}.{t}", None) for t in entry["tensors"]}
+            return self.from_packed(name, entry["fmt"], entry["meta"], tensors, *shape), ""
+        dense = source.tensor(f"{name}.weight", shape)
+        if pre_quantized:
+            return None, "stored dense in the pre-quantized checkpoint"
+        return self.quantize(name, dense.to(source.device)), ""
+
+    def weight_class(self, fmt: str) -> type[QuantizedWeight] | None:
+        """The class in `weight_classes` that rebuilds a weight stored under `fmt`, None when none does."""
+        return next((cls for cls in self.weight_classes if cls.rebuilds(fmt)), None)
+
     def quantize(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
         """A dense (out, in) weight, as stored in the checkpoint, to this backend's quantized weight."""
         raise NotImplementedError
 
     def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                     out_features: int, in_features: int) -> QuantizedWeight:
-        """Rebuild a weight from the tensors `QuantizedWeight.packed_tensors` gave when it was saved."""
+        """Rebuild a weight from the tensors `QuantizedWeight.packed_tensors` gave when it was saved (a backend with
+        several weight classes finds the one for `fmt` with `weight_class`)."""
         raise NotImplementedError
 
     def read_checkpoint_layer(self, name: str, source: Any) -> QuantizedWeight | None:
         """Rebuild layer `name` from a checkpoint this backend's own library (or diffusers) wrote, if `source`
-        (a `TensorSource`) holds it in that layout; None when it does not, so the loader tries the next way."""
+        (a `TensorSource`) holds it in that layout; None when it does not, so `load` tries the next way."""
         return None
 
     def checkpoint_keys(self, name: str, source: Any) -> list[str]:

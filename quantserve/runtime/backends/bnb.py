@@ -35,6 +35,11 @@ class BnB4bitWeight(QuantizedWeight):
     """NF4/FP4: two 4-bit codes per byte, an absmax per block of 64 (itself 8-bit quantized when double-quantized)."""
 
     backend = "bitsandbytes"
+    stored_fmts = ("nf4", "fp4")
+
+    @classmethod
+    def from_stored(cls, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BnB4bitWeight:
+        return cls(tensors["data"], {k: v for k, v in tensors.items() if k != "data"}, meta)
 
     def __init__(self, packed: torch.Tensor, state_tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
         out_features, in_features = meta["shape"]
@@ -80,6 +85,11 @@ class BnBInt8Weight(QuantizedWeight):
     """LLM.int8: int8 rows with a float32 absmax per row; input columns above the threshold run in 16-bit."""
 
     backend = "bitsandbytes"
+    stored_fmts = ("int8_rows",)
+
+    @classmethod
+    def from_stored(cls, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BnBInt8Weight:
+        return cls(tensors["CB"], tensors["SCB"], meta)
 
     def __init__(self, cb: torch.Tensor, scb: torch.Tensor, meta: dict[str, Any]):
         super().__init__(cb.shape[0], cb.shape[1], "int8_rows", meta)
@@ -136,6 +146,7 @@ def quantize_4bit_chunked(weight: torch.Tensor, cfg: BitsAndBytesConfig, chunk_e
 class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
     name = "bitsandbytes"
     config: BitsAndBytesConfig
+    weight_classes = (BnB4bitWeight, BnBInt8Weight)  # `from_packed` rebuilds a fmt with the one that `rebuilds` it
 
     def skip_patterns(self) -> list[str]:
         return list(self.config.llm_int8_skip_modules or [])
@@ -166,13 +177,12 @@ class BitsAndBytesBackend(Backend, config=BitsAndBytesConfig):
 
     def from_packed(self, name: str, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                     out_features: int, in_features: int) -> QuantizedWeight:
-        if fmt == "int8_rows":
-            return BnBInt8Weight(tensors["CB"], tensors["SCB"], meta)
-        if fmt not in ("nf4", "fp4"):
+        weight_class = self.weight_class(fmt)
+        if weight_class is None:
+            accepted = ", ".join(repr(f) for c in self.weight_classes for f in c.stored_fmts)
             raise CheckpointError(f"bitsandbytes backend: layer {name!r}: stored fmt {fmt!r} is not a bitsandbytes format; "
-                             "accepted: 'nf4', 'fp4', 'int8_rows'")
-        state = {k: v for k, v in tensors.items() if k != "data"}
-        return BnB4bitWeight(tensors["data"], state, meta)
+                                  f"accepted: {accepted}")
+        return weight_class.from_stored(fmt, meta, tensors)
 
     # checkpoints bitsandbytes' own serialization wrote (through diffusers or transformers)
     def read_checkpoint_layer(self, name: str, source: Any) -> QuantizedWeight | None:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ....kernels.int4 import Int4Grouped
 from ...chunking import absmax, map_rows, needs_chunks
 from ...config import TorchAoConfig
 from ...errors import BackendUnavailableError, ConfigValueError
@@ -80,6 +79,7 @@ def _resolve_fqn(table: dict[str, Any], name: str) -> Any:
 class TorchAoBackend(Backend, config=TorchAoConfig):
     name = "torchao"
     config: TorchAoConfig
+    weight_classes = (Int4GroupedWeight, TorchAoWeight)  # `from_packed` rebuilds a fmt with the one that `rebuilds` it
 
     def __init__(self, config: TorchAoConfig, compute_dtype: torch.dtype = torch.bfloat16, **options: Any):
         super().__init__(config, compute_dtype, **options)
@@ -217,15 +217,10 @@ class TorchAoBackend(Backend, config=TorchAoConfig):
                     out_features: int, in_features: int) -> QuantizedWeight:
         where = f"layer {name!r} ({fmt})"
         try:
-            if fmt == FMT_INT4:
-                packed = Int4Grouped(tensors["qdata"], tensors["scale"], tensors["zero_point"],
-                                     int(meta["group_size"]))
-                weight: QuantizedWeight = Int4GroupedWeight(packed, meta)
-            elif fmt.startswith(FMT_PREFIX):
-                weight = TorchAoWeight(fmt, meta, tensors)
-                weight.subclass()  # fail at load, not at the first forward
-            else:
+            weight_class = self.weight_class(fmt)
+            if weight_class is None:
                 raise ValueError(f"not a torchao format; accepted: {FMT_INT4!r} or {FMT_PREFIX!r}...")
+            weight = weight_class.from_stored(fmt, meta, tensors)
         except (KeyError, ValueError, TypeError, AssertionError, RuntimeError) as exc:
             raise CheckpointError(f"{where}: cannot rebuild the torchao weight: {type(exc).__name__}: {exc}") from exc
         if (weight.out_features, weight.in_features) != (out_features, in_features):

@@ -79,6 +79,17 @@ class TorchAoWeight(QuantizedWeight):
 
     backend = "torchao"
 
+    @classmethod
+    def rebuilds(cls, fmt: str) -> bool:
+        """Every fmt `fmt_of` names: 'torchao:' and the subclass's layout."""
+        return fmt.startswith(FMT_PREFIX)
+
+    @classmethod
+    def from_stored(cls, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TorchAoWeight:
+        weight = cls(fmt, meta, tensors)
+        weight.subclass()  # fail at load, not at the first forward
+        return weight
+
     def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
         out_features, in_features = meta["shape"]
         super().__init__(out_features, in_features, fmt, meta)
@@ -189,6 +200,12 @@ class Int4GroupedWeight(QuantizedWeight):
     """quantserve's int4_grouped (torchao Int4Tensor's layout): two codes per byte, bf16 scale and zero per group."""
 
     backend = "torchao"
+    stored_fmts = (FMT_INT4,)
+
+    @classmethod
+    def from_stored(cls, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Int4GroupedWeight:
+        packed = Int4Grouped(tensors["qdata"], tensors["scale"], tensors["zero_point"], int(meta["group_size"]))
+        return cls(packed, meta)
 
     def __init__(self, packed: Int4Grouped, meta: dict[str, Any] | None = None):
         out_features, in_features = packed.shape
