@@ -11,6 +11,12 @@ has AVX-512); the first use on a machine compiles (about 2 s), later ones load. 
 file is written to a temporary name and renamed into place, so two processes building at once never see half a
 library.
 
+The sources, all compiled into the one library (every csrc/*.c; the headers are csrc/*.h): qs_cpu.h, the ABI
+(mirrored by cpu_abi.py, checked by qs_abi.c); qs_decode.c, the non-GGUF formats' row decoders and qs_dequantize, and
+qs_dot.c, their fused row dots and qs_gemv (sharing qs_packed.h); qs_gguf_decode.c, the portable GGUF decoders and
+their dispatch, qs_gguf_decode_avx512.c, the AVX-512 GGUF decoders, and qs_gguf_dot.c, the fused GGUF dots (sharing
+qs_gguf.h); qs_quantize.c, the int8 quantizers; qs_scalar.h, the exact scalar float conversions.
+
     python -m quantserve.kernels.cpu_build     # build now and print where the library is and what it uses
 """
 
@@ -67,6 +73,7 @@ def compiler() -> str:
 
 
 def sources() -> list[Path]:
+    """Every C source of the library (csrc/*.c), in name order."""
     found = sorted(SOURCE_DIR.glob("*.c"))
     if not found:
         raise CpuKernelsUnavailable(f"no C sources in {SOURCE_DIR}: the quantserve installation is incomplete")

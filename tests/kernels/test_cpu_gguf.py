@@ -1,7 +1,8 @@
-"""The native GGUF row decoders (kernels/csrc/qs_gguf.c), bit-exact against the torch reference (kernels/gguf.py).
+"""The native GGUF row decoders (kernels/csrc/qs_gguf_*.c), bit-exact against the torch reference (kernels/gguf.py).
 
-The library is compiled privately from qs_gguf.c alone, with the project's flags (cpu_build.FLAGS, cpu_build.compiler),
-so these tests do not depend on the rest of the native kernels. Both implementations are held against the
+The library is compiled privately from the GGUF sources alone (csrc/qs_gguf_*.c: the decoders, the AVX-512
+decoders, the fused dot), with the project's flags (cpu_build.FLAGS, cpu_build.compiler), so these tests do not
+depend on the rest of the native kernels. Both implementations are held against the
 reference: qs_gguf_decode_row (AVX-512 where this machine has it) and qs_gguf_decode_row_portable (plain C).
 The fused dequantize-dot qs_gguf_dot_row (AVX-512 builds; -1 elsewhere) is held against a float64 dot of the
 reference's dequantized row.
@@ -35,9 +36,10 @@ ENTRY_POINTS = ("qs_gguf_decode_row", "qs_gguf_decode_row_portable")
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs_gguf") / "libqs_gguf.so"
-    source = cpu_build.SOURCE_DIR / "qs_gguf.c"
-    cmd = [cpu_build.compiler(), *cpu_build.FLAGS, "-I", str(cpu_build.SOURCE_DIR), "-o", str(out), str(source),
-           "-lm"]
+    sources = sorted(cpu_build.SOURCE_DIR.glob("qs_gguf_*.c"))
+    assert sources, f"no GGUF sources (qs_gguf_*.c) in {cpu_build.SOURCE_DIR}"
+    cmd = [cpu_build.compiler(), *cpu_build.FLAGS, "-I", str(cpu_build.SOURCE_DIR), "-o", str(out),
+           *map(str, sources), "-lm"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stderr, done.stderr

@@ -14,6 +14,10 @@
 
 #include <stdint.h>
 
+/* A function one source file of the library calls in another, which the library does not export (hidden: not in the
+ * dynamic symbol table; only the qs_* functions declared below are). */
+#define QS_INTERNAL __attribute__((visibility("hidden")))
+
 /* The enums and qs_weight below are mirrored, once, by kernels/cpu_abi.py (ctypes); qs_abi.c reports their values
  * and layout by name and tests/kernels/test_cpu_abi.py holds the two equal. Change both together. */
 
@@ -73,12 +77,12 @@ int64_t qs_abi_weight_size(void);
 int32_t qs_abi_field(int32_t i, const char **name, int64_t *offset, int64_t *size);
 int32_t qs_abi_enum(int32_t i, const char **name, int64_t *value);
 
-/* GGUF (qs_gguf.c): decode one row of `k` weights of ggml type `qtype` from its raw blocks; 0, or -1 for a type
- * the build does not know. Exactly the float32 values of kernels/gguf.py (and so of gguf-py). */
+/* GGUF (qs_gguf_decode.c): decode one row of `k` weights of ggml type `qtype` from its raw blocks; 0, or -1 for a
+ * type the build does not know. Exactly the float32 values of kernels/gguf.py (and so of gguf-py). */
 int qs_gguf_decode_row(int32_t qtype, const uint8_t *row, int64_t k, float *out);
 int qs_gguf_supported(int32_t qtype);
-/* sum_k W[k] * x[k] of one GGUF row into *out, scales factored out of the inner sums; 0, or -1 when this type has
- * no fused form (the caller decodes the row instead). */
+/* (qs_gguf_dot.c) sum_k W[k] * x[k] of one GGUF row into *out, scales factored out of the inner sums; 0, or -1 when
+ * this type has no fused form (the caller decodes the row instead). */
 int qs_gguf_dot_row(int32_t qtype, const uint8_t *row, int64_t k, const float *x, float *out);
 
 /* Quantizers (qs_quantize.c). int8 per row by absmax, optimum-quanto's arithmetic: scale[n] = dt(max|w| / 127),
