@@ -48,6 +48,14 @@ class ModelLibrary:
 
     def skeleton(self, cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
         """The model with every parameter on the meta device (buffers it computes itself are real)."""
+        from accelerate import init_empty_weights
+
+        clean = {k: v for k, v in config.items() if k != "quantization_config"}
+        with init_empty_weights(include_buffers=False):
+            return self.build(cls, clean)
+
+    def build(self, cls: type[nn.Module], config: dict[str, Any]) -> nn.Module:
+        """The model from its config.json (no quantization_config), the way this library builds one."""
         raise NotImplementedError
 
     def tied_targets(self, model: nn.Module) -> dict[str, str]:
@@ -94,12 +102,8 @@ class DiffusersModels(ModelLibrary):
 
         return diffusers.ModelMixin
 
-    def skeleton(self, cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
-        from accelerate import init_empty_weights
-
-        clean = {k: v for k, v in config.items() if k != "quantization_config"}
-        with init_empty_weights(include_buffers=False):
-            return cls.from_config(clean)  # type: ignore[attr-defined]
+    def build(self, cls: type[nn.Module], config: dict[str, Any]) -> nn.Module:
+        return cls.from_config(config)  # type: ignore[attr-defined]
 
     def write_config(self, model: nn.Module, folder: Path, quantization_config: dict[str, Any] | None) -> None:
         model.save_config(folder)  # type: ignore[attr-defined]
@@ -121,13 +125,8 @@ class TransformersModels(ModelLibrary):
 
         return PreTrainedModel
 
-    def skeleton(self, cls: type[nn.Module], config: Mapping[str, Any]) -> nn.Module:
-        from accelerate import init_empty_weights
-
-        clean = {k: v for k, v in config.items() if k != "quantization_config"}
-        model_config = cls.config_class.from_dict(clean)  # type: ignore[attr-defined]
-        with init_empty_weights(include_buffers=False):
-            return cls._from_config(model_config)  # type: ignore[attr-defined]
+    def build(self, cls: type[nn.Module], config: dict[str, Any]) -> nn.Module:
+        return cls._from_config(cls.config_class.from_dict(config))  # type: ignore[attr-defined]
 
     def tied_targets(self, model: nn.Module) -> dict[str, str]:
         keys = getattr(model, "_tied_weights_keys", None)
