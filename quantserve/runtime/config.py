@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..kernels.atomic_write import atomic_write_text
+from .dtypes import dtype_from_name, dtype_name  # noqa: F401  (dtype_name: backends read it from here)
 from .errors import BackendUnavailableError, ConfigTypeError, ConfigValueError
 from .requirements import Requirement
 from .torchao_shorthands import SHORTHANDS
@@ -45,11 +46,6 @@ _CONFIG_CLASSES: dict[QuantizationMethod, type[QuantizationConfigMixin]] = {}
 
 # --- field helpers: each normalizes one value or raises an error naming the field -----------------------------
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16: the form config.json holds."""
-    return str(dtype).removeprefix("torch.")
-
-
 def _as_dtype(owner: str, name: str, value: Any, accepted: tuple[str, ...]) -> torch.dtype:
     if isinstance(value, torch.dtype):
         text = dtype_name(value)
@@ -59,7 +55,7 @@ def _as_dtype(owner: str, name: str, value: Any, accepted: tuple[str, ...]) -> t
         raise ConfigTypeError(owner, name, value, "a torch.dtype or its name, e.g. 'bfloat16'")
     if text not in accepted:
         raise ConfigValueError(owner, name, value, accepted)
-    return getattr(torch, text)
+    return dtype_from_name(text, accepted, f"{owner}.{name}")
 
 
 def _as_bool(owner: str, name: str, value: Any) -> bool:

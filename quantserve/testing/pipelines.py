@@ -21,10 +21,8 @@ import argparse
 import hashlib
 import importlib
 import os
-import shutil
 import string
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -525,27 +523,14 @@ def _is_empty_dir(path: Path) -> bool:
 
 @contextmanager
 def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh directory beside `out_dir`; on success it replaces `out_dir`, on failure it is removed."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    """Yield a fresh directory beside `out_dir` that replaces it on success (quantserve's one atomic writer), refusing
+    to replace a non-empty `out_dir` that appeared meanwhile unless `overwrite`."""
+    from quantserve.kernels.atomic_write import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         yield tmp
-        if out_dir.exists() or out_dir.is_symlink():
-            if not overwrite and not _is_empty_dir(out_dir):
-                raise FileExistsError(f"out_dir {str(out_dir)!r} appeared while building; pass overwrite=True")
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not overwrite and out_dir.exists() and not _is_empty_dir(out_dir):
+            raise FileExistsError(f"out_dir {str(out_dir)!r} appeared while building; pass overwrite=True")
 
 
 @contextmanager
