@@ -258,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, args.impls, device_name, ceilings)
     print(table)
     if args.out is not None:
+        from quantserve.kernels.atomic_write import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(table, encoding="utf-8")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, table)
     failed = [r for r in rows for i in args.impls
               if i.startswith("triton") and r.note.get(i) == "strays from the reference"]
     return 1 if failed else 0

@@ -290,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if args.out is not None:
+        from quantserve.kernels.atomic_write import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(table, encoding="utf-8")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, table)
     return 0
 
 

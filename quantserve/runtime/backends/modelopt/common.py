@@ -96,10 +96,7 @@ def _from_json(value: Any) -> Any:
         if set(value) == {"__items__"}:
             return {_from_json(k): _from_json(v) for k, v in value["__items__"]}
         if set(value) == {"__dtype__"}:
-            dtype = getattr(torch, str(value["__dtype__"]), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"modelopt quantizer state: {value['__dtype__']!r} is not a torch dtype")
-            return dtype
+            return dtype_from_name(str(value["__dtype__"]), field_name="modelopt quantizer state")
         return {k: _from_json(v) for k, v in value.items()}
     return value
 

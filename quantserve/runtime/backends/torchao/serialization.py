@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ...dtypes import dtype_from_name
 from ...errors import BackendUnavailableError
 
 FMT_INT4 = "int4_grouped"
@@ -55,9 +56,8 @@ def _rebuild(desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Te
 def _check_dtype_names(value: Any) -> None:
     """torchao's decoder resolves {"_type": "torch.dtype", "_data": name} as getattr(torch, name): dtypes only."""
     if isinstance(value, dict):
-        if value.get("_type") == "torch.dtype" and not isinstance(getattr(torch, str(value.get("_data")), None),
-                                                                   torch.dtype):
-            raise ValueError(f"torchao description: {value.get('_data')!r} is not a torch dtype")
+        if value.get("_type") == "torch.dtype":
+            dtype_from_name(str(value.get("_data")), field_name="torchao description")  # a ValueError when not a dtype
         for item in value.values():
             _check_dtype_names(item)
     elif isinstance(value, list):
