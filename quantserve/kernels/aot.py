@@ -8,8 +8,10 @@ For each target x kernel (dequantize, fused tiled, split-K, split-K reduce) x pa
 activation dtype (bf16, fp16) this module compiles one build in worker processes and reports: compiled or the
 compiler's error (its first line), registers, spill bytes (stack / local per thread), shared memory against the
 target's limit, tensor-core instructions (HMMA on sm_80/sm_89, HGMMA = wgmma on sm_90, Blackwell's UTC*MMA) and
-128-bit global loads (LDG.E.128). A build the router declines on a target (float8 codes below compute capability
-8.9: `api.FLOAT8_MIN_CAPABILITY`, `format_ops` `float8_codes`) is reported as declined with the router's reason.
+128-bit global loads (LDG.E.128). A build the router declines on a target (below compute capability 8.0:
+`api.MIN_CAPABILITY`) is reported as declined with the router's reason. Float8 codes and NVFP4's float8 block scales
+are built as the router runs them on each target: converted by the GPU from sm_89, decoded by integer arithmetic on
+sm_80 (`triton_args.float8_by_bits`).
 
 Each build's arguments are those of a real launch at a FLUX linear shape (K = 3072; N = 3072; M = 4096 tiled,
 M = 16 split-K): the packed weight's tile arguments come from its registered Triton spec (`triton_args.tile_args`),
@@ -145,17 +147,13 @@ def decline_reason(fmt: str, target: Target) -> str | None:
     """The router's reason for not running quantserve's Triton kernels on `target` for `fmt` (None: it runs them).
 
     The same rule and words as `api.triton_problem` on a device of that compute capability."""
-    from . import triton_args  # noqa: F401  (fills the registry's triton slots)
-    from .api import FLOAT8_MIN_CAPABILITY, MIN_CAPABILITY
-    from .format_ops import ops_for
+    from .api import MIN_CAPABILITY
 
-    packed = _packed(fmt)
+    _packed(fmt)  # an unknown format is an error
     capability = divmod(target.capability, 10)
-    needs_fp8 = ops_for(packed, "aot").float8_codes
-    wanted = FLOAT8_MIN_CAPABILITY if needs_fp8 else MIN_CAPABILITY
-    if capability < wanted:
-        what = "float8 codes need" if needs_fp8 else "the Triton kernels need"
-        return f"{what} compute capability >= {wanted[0]}.{wanted[1]}; this GPU has {capability[0]}.{capability[1]}"
+    if capability < MIN_CAPABILITY:
+        return (f"the Triton kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}; "
+                f"this GPU has {capability[0]}.{capability[1]}")
     return None
 
 
@@ -229,19 +227,31 @@ def _configs(kernel: str) -> list[Any]:
     return [None]  # the reduce kernel has no autotune configs (BLOCK = 128)
 
 
-def _volume(config: Any) -> int:
-    """A config's tile volume (its BLOCK_* sizes multiplied; split-K's rows are BLOCK_M = 16)."""
+def _spec(config: Any) -> dict[str, Any]:
+    """A config as plain data (it crosses process boundaries)."""
     if config is None:
-        return 0
-    sizes = [v for k, v in config.kwargs.items() if k.startswith("BLOCK_")]
+        return {"kwargs": {}, "num_warps": 4, "num_stages": 3}
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _volume(spec: dict[str, Any]) -> int:
+    """A config's tile volume (its BLOCK_* sizes multiplied; split-K's rows are BLOCK_M = 16)."""
     volume = 1
-    for v in sizes:
-        volume *= v
-    return volume
+    for k, v in spec["kwargs"].items():
+        if k.startswith("BLOCK_"):
+            volume *= v
+    return volume if spec["kwargs"] else 0
 
 
-def _local_config_volumes() -> dict[str, list[int]]:
-    return {kernel: [_volume(c) for c in _configs(kernel)] for kernel in KERNELS}
+def _elements_per_thread(spec: dict[str, Any]) -> int:
+    kw = spec["kwargs"]
+    if "BLOCK_N" not in kw or "BLOCK_K" not in kw:
+        return 0
+    return kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * spec["num_warps"])
+
+
+def _local_config_specs() -> dict[str, list[dict[str, Any]]]:
+    return {kernel: [_spec(c) for c in _configs(kernel)] for kernel in KERNELS}
 
 
 def _compiled_here() -> bool:
@@ -252,35 +262,67 @@ def _compiled_here() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") != "1"
 
 
-_VOLUMES: dict[str, list[int]] = {}
+_SPECS: dict[str, list[dict[str, Any]]] = {}
 
 
-def config_volumes(kernel: str) -> list[int]:
-    """The tile volume of each autotune config `kernel` ships for a GPU (asked of a fresh interpreter when this
-    process imported the kernels under TRITON_INTERPRET=1, whose configs are the interpreter's one small tile)."""
-    if not _VOLUMES:
+def config_specs(kernel: str) -> list[dict[str, Any]]:
+    """The autotune configs `kernel` ships for a GPU (asked of a fresh interpreter when this process imported the
+    kernels under TRITON_INTERPRET=1, whose configs are the interpreter's one small tile)."""
+    if not _SPECS:
         if _compiled_here():
-            _VOLUMES.update(_local_config_volumes())
+            _SPECS.update(_local_config_specs())
         else:
             import multiprocessing
 
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_worker_init) as pool:
-                _VOLUMES.update(pool.submit(_local_config_volumes).result())
-    return _VOLUMES[kernel]
+                _SPECS.update(pool.submit(_local_config_specs).result())
+    return _SPECS[kernel]
+
+
+def config_volumes(kernel: str) -> list[int]:
+    return [_volume(s) for s in config_specs(kernel)]
 
 
 def config_count(kernel: str) -> int:
-    return len(config_volumes(kernel))
+    return len(config_specs(kernel))
 
 
-def ends(kernel: str) -> list[int]:
-    """The configs "ends" builds: the first and last of the list, and the smallest and largest tile (by volume;
-    among equals the first for the smallest, the last for the largest)."""
+def budget_reason(kernel: str, fmt: str, config: int) -> str | None:
+    """Why the autotuner never tries `config` of `kernel` for `fmt` (its weight tile is over the format's decode
+    budget: `triton_args.decode_budget`, `triton_common.within_budget`), or None."""
+    if kernel not in ("tiled", "splitk") or fmt == "-":
+        return None
+    from .triton_args import decode_budget, tile_args
+
+    args = tile_args(_packed(fmt))
+    budget = decode_budget(kernel, args.tile, args.consts[0])
+    used = _elements_per_thread(config_specs(kernel)[config])
+    if used > budget:
+        return f"pruned: {used} weight elements per thread, over the decode budget of {budget}"
+    return None
+
+
+def shipped(kernel: str, fmt: str) -> list[int]:
+    """The configs of `kernel` the autotuner may run for `fmt` (within its decode budget)."""
+    return [i for i in range(config_count(kernel)) if budget_reason(kernel, fmt, i) is None]
+
+
+def extremes(kernel: str, fmt: str = "-") -> list[int]:
+    """The smallest and the largest tile (by volume) among the configs shipped for `fmt`."""
     volumes = config_volumes(kernel)
-    smallest = min(range(len(volumes)), key=lambda i: (volumes[i], i))
-    largest = max(range(len(volumes)), key=lambda i: (volumes[i], i))
-    return sorted({0, len(volumes) - 1, smallest, largest})
+    kept = shipped(kernel, fmt)
+    return sorted({min(kept, key=lambda i: (volumes[i], i)), max(kept, key=lambda i: (volumes[i], i))})
+
+
+def ends(kernel: str, fmt: str = "-") -> list[int]:
+    """The configs "ends" builds, among those shipped for `fmt`: the first and last, and the smallest and largest
+    tile (by volume; among equals the first for the smallest, the last for the largest)."""
+    volumes = config_volumes(kernel)
+    kept = shipped(kernel, fmt)
+    smallest = min(kept, key=lambda i: (volumes[i], i))
+    largest = max(kept, key=lambda i: (volumes[i], i))
+    return sorted({kept[0], kept[-1], smallest, largest})
 
 
 def _describe(config: Any) -> str:
@@ -292,9 +334,11 @@ def _describe(config: Any) -> str:
 
 def plan(targets: Sequence[str], formats: Sequence[str], kernels: Sequence[str] = KERNELS,
          configs: str = "all", dtypes: Sequence[str] = DTYPES) -> list[Build]:
-    """Every build of the product, configs "all" or "ends" (see `ends`: first, last, smallest, largest)."""
-    if configs not in ("all", "ends"):
-        raise ValueError(f"configs: {configs!r}; accepted: 'all', 'ends'")
+    """Every build of the product, configs "all" (those over a format's decode budget then appear as pruned),
+    "ends" (see `ends`: first, last, smallest, largest of the configs shipped for each format) or "extremes" (the
+    smallest and largest shipped)."""
+    if configs not in ("all", "ends", "extremes"):
+        raise ValueError(f"configs: {configs!r}; accepted: 'all', 'ends', 'extremes'")
     builds = []
     for target in targets:
         if target not in TARGETS:
@@ -302,8 +346,9 @@ def plan(targets: Sequence[str], formats: Sequence[str], kernels: Sequence[str] 
         for kernel in kernels:
             if kernel not in KERNELS:
                 raise ValueError(f"kernel {kernel!r}; accepted: {', '.join(KERNELS)}")
-            indices = list(range(config_count(kernel))) if configs == "all" else ends(kernel)
             for fmt in (("-",) if kernel == "splitk_reduce" else formats):
+                indices = {"all": lambda k, f: list(range(config_count(k))), "ends": ends,
+                           "extremes": extremes}[configs](kernel, fmt)
                 for i in indices:
                     for dtype in dtypes:
                         builds.append(Build(target, kernel, fmt, i, dtype))
@@ -326,7 +371,7 @@ def _arguments(build: Build) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         return (triton_matmul._splitk_reduce_kernel,
                 dict(ws_ptr=f32, y_ptr=act, bias_ptr=act, M=SPLITK_M, N=n, SPLIT=4, stride_ym=n),
                 dict(HAS_BIAS=True, BLOCK=128))
-    targs = tile_args(_packed(build.fmt))
+    targs = tile_args(_packed(build.fmt), capability=divmod(TARGETS[build.target].capability, 10))
     w = {**dict(zip(("w_ptr0", "w_ptr1", "w_ptr2", "w_ptr3", "w_ptr4"), targs.ptrs)),
          **dict(zip(("w_arg0", "w_arg1", "w_arg2"), targs.ints))}
     consts = dict(TILE=targs.tile, W_META0=targs.consts[0], W_META1=targs.consts[1], W_META2=targs.consts[2],
@@ -418,6 +463,10 @@ def compile_one(build: Build) -> Result:
         if reason is not None:
             result.status, result.reason = "declined", reason
             return result
+        reason = budget_reason(build.kernel, build.fmt, build.config)
+        if reason is not None:
+            result.status, result.reason = "pruned", reason
+            return result
         import triton
         from triton.backends.compiler import GPUTarget
 
@@ -429,6 +478,12 @@ def compile_one(build: Build) -> Result:
         result.shared = int(compiled.metadata.shared or 0)
         result.__dict__.update(read_cubin(compiled.asm["cubin"], target.capability))
         result.status = "compiled"
+        if result.shared > target.smem_per_block:
+            # the autotuner prunes it on such a GPU (triton_common.fits_shared_memory: the same rule, the device's
+            # own limit read at run time)
+            result.status = "pruned"
+            result.reason = (f"pruned on {target.name}: needs {result.shared / KIB:.1f} KiB of shared memory, "
+                             f"the target gives a block {target.smem_per_block // KIB} KiB")
     except Exception as exc:  # the compiler's error is the result
         text = str(exc).strip() or type(exc).__name__
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -466,15 +521,17 @@ def run(builds: Sequence[Build], jobs: int = 2, progress: bool = True) -> list[R
 # --- the report -------------------------------------------------------------------------------------------------
 
 def summary(results: Iterable[Result]) -> dict[str, dict[str, int]]:
-    """Per target: builds, compiled, failed, declined, spilling, over shared memory."""
+    """Per target: builds, compiled, failed, declined, pruned (over a format's decode budget, or over the target's
+    shared memory), and among the compiled ones: spilling, over shared memory."""
     out: dict[str, dict[str, int]] = {}
     for r in results:
-        s = out.setdefault(r.build.target, dict(builds=0, compiled=0, failed=0, declined=0, spilling=0,
+        s = out.setdefault(r.build.target, dict(builds=0, compiled=0, failed=0, declined=0, pruned=0, spilling=0,
                                                 over_smem=0))
         s["builds"] += 1
         s[r.status] += 1
-        s["spilling"] += int(r.spills)
-        s["over_smem"] += int(r.over_smem)
+        # what a GPU runs: the compiled builds the autotuner keeps (pruned ones are counted as pruned)
+        s["spilling"] += int(r.spills and r.status == "compiled")
+        s["over_smem"] += int(r.over_smem and r.status == "compiled")
     return out
 
 
@@ -494,13 +551,18 @@ def markdown(results: Sequence[Result], command: str, wall_s: float, jobs: int) 
              f"M = {SPLITK_M} split-K, split-K partial workspace in float32) as Triton's launcher would specialize "
              "it. Spill: bytes of stack / local memory per thread. Shared: KiB per block, against the target's "
              "opt-in limit. Tensor cores: HMMA (sm_80/sm_89), HGMMA = wgmma (sm_90), UTC*MMA (sm_100).", "",
-             "## Summary", "", "| target | GPUs | smem limit (KiB) | builds | compiled | failed | declined | spilling "
-             "| over shared memory |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Pruned: a config the autotuner never runs for that format on that target, because its weight tile is "
+             "over the format's decode budget (`triton_args.DECODE_BUDGETS`, not compiled) or the build needs more "
+             "shared memory than the target gives a block (compiled, figures shown). Spilling and over shared "
+             "memory count the shipped builds: compiled and not pruned.", "",
+             "## Summary", "", "| target | GPUs | smem limit (KiB) | builds | compiled | failed | declined | pruned "
+             "| spilling | over shared memory |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary(results).items():
         t = TARGETS[name]
         lines.append(f"| {name} | {t.gpus} | {t.smem_per_block // KIB} | {s['builds']} | {s['compiled']} | "
-                     f"{s['failed']} | {s['declined']} | {s['spilling']} | {s['over_smem']} |")
-    spilling = sorted((r for r in results if r.spills), key=lambda r: -((r.stack or 0) + (r.local or 0)))[:15]
+                     f"{s['failed']} | {s['declined']} | {s['pruned']} | {s['spilling']} | {s['over_smem']} |")
+    spilling = sorted((r for r in results if r.spills and r.status == "compiled"),
+                      key=lambda r: -((r.stack or 0) + (r.local or 0)))[:15]
     if spilling:
         lines += ["", "## Worst spills", "", "| target | kernel | format | config | dtype | regs | stack | local |",
                   "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
@@ -515,7 +577,7 @@ def markdown(results: Sequence[Result], command: str, wall_s: float, jobs: int) 
               "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for r in results:
         b = r.build
-        flags = [f for f, on in (("SPILL", r.spills), ("OVER SMEM", r.over_smem)) if on]
+        flags = [f for f, on in (("SPILL", r.spills), ("OVER SMEM", r.over_smem and r.status == "compiled")) if on]
         note = "; ".join(flags + ([r.reason.replace("|", "/")] if r.reason else []))
         tc = f"{r.tensor_core} ({r.tensor_ops})" if r.tensor_ops else ("" if r.tensor_core is None else "0")
         lines.append(f"| {b.target} | {b.kernel} | {b.fmt} | {b.config}: {r.config} | {b.dtype} | {r.status} | "
@@ -532,9 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--formats", default="all", help="comma-separated packed format names, or all (default)")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
-    parser.add_argument("--configs", default="all", choices=("all", "ends"),
-                        help="every autotune config, or per kernel the first, last, smallest and largest tile "
-                             "(default all)")
+    parser.add_argument("--configs", default="all", choices=("all", "ends", "extremes"),
+                        help="every autotune config; per kernel and format the first, last, smallest and largest "
+                             "tile shipped (ends); or the smallest and largest (extremes) (default all)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="activation dtypes (default bf16,fp16)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--json", action="store_true", help="print every build as a JSON line on stdout")

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from . import reference
-from .format_ops import ops_for
 from .formats import (
     NVFP4,
     BnB4bit,
@@ -160,21 +159,17 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     return triton_matmul.linear(x, packed, bias)
 
 
-MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots
-FLOAT8_MIN_CAPABILITY = (8, 9)  # float8 codes (Float8, NVFP4 block scales): Ada, Hopper and newer
+MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots; float8 codes are decoded by integer arithmetic below 8.9
 
 
 def triton_problem(device: torch.device | str, packed: PackedWeight | None = None) -> str | None:
     """None when quantserve's Triton kernels can run on `device` (for `packed`, when given), else why not."""
     problem = _device_problem(device)
-    if problem is None and packed is not None and torch.device(device).type == "cuda":
+    if problem is None and torch.device(device).type == "cuda":
         capability = torch.cuda.get_device_capability(torch.device(device))
-        needs_fp8 = is_packed(packed) and ops_for(packed, "triton_problem").float8_codes
-        wanted = FLOAT8_MIN_CAPABILITY if needs_fp8 else MIN_CAPABILITY
-        if capability < wanted:
-            what = "float8 codes need" if needs_fp8 else "the Triton kernels need"
-            problem = (f"{what} compute capability >= {wanted[0]}.{wanted[1]}; this GPU has "
-                       f"{capability[0]}.{capability[1]}")
+        if capability < MIN_CAPABILITY:
+            problem = (f"the Triton kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}; "
+                       f"this GPU has {capability[0]}.{capability[1]}")
     return problem
 
 

@@ -4,7 +4,8 @@ An entry (`FormatOps`) holds, for one class of kernels/formats.py,
 - `reference`: the torch reference dequantizer (kernels/reference.py), packed -> float32 (N, K) before rounding;
 - `cpu`: the builder of its C descriptor (kernels/cpu.py), packed -> (QsWeight, tensors to keep alive);
 - `triton`: its Triton tile spec (kernels/triton_args.py), packed -> TileArgs;
-- `float8_codes`: whether its codes are float8 (the Triton kernels then need compute capability 8.9).
+- `float8_codes`: whether its codes or scales are float8 (the Triton kernels decode them by integer arithmetic below
+  compute capability 8.9, which has no float8 conversion: kernels/triton_args.py).
 
 Every kernel family dispatches by `type(packed)` through this one table (`ops_for`, `implementation`), never by
 if/elif chains. Each family registers its own slot where its code lives (`register_format(cls, reference=fn)`), so

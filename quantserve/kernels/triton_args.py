@@ -47,7 +47,7 @@ from .triton_tiles import (
 PTR_SLOTS = tuple(f"w_ptr{i}" for i in range(5))
 ARG_SLOTS = tuple(f"w_arg{i}" for i in range(3))
 META_SLOTS = tuple(f"W_META{i}" for i in range(3))
-TILE_INDICES = ("rn", "rk", "mask", "N", "K")  # what the skeleton passes between the scalars and the constants
+TILE_INDICES = ("rn", "rk", "k0", "mask", "N", "K")  # what the skeleton passes between the scalars and the constants
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class TileArgs:
 def parameters(tile: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """A tile helper's parameter names by group: (tensors, runtime scalars, constants)."""
     names = tuple(inspect.signature(tile.fn).parameters)
-    ptrs, args, indices, metas = names[:5], names[5:8], names[8:13], names[13:]
+    ptrs, args, indices, metas = names[:5], names[5:8], names[8:14], names[14:]
     if indices != TILE_INDICES or len(metas) != len(META_SLOTS):
         raise TypeError(f"{tile.fn.__name__}: a tile helper takes 5 tensors, 3 scalars, {', '.join(TILE_INDICES)}, "
                         f"3 constants; got ({', '.join(names)})")
@@ -109,7 +109,8 @@ def _bnb4_args(p: BnB4bit) -> TileArgs:
                   nested_blocksize=int(p.nested_blocksize), offset=float(p.offset)) if p.nested else \
         dict(nested_blocksize=1, offset=0.0)
     return bind(tile_bnb4, _native(p), p.shape, codes_ptr=p.data, absmax_ptr=p.absmax, quant_map_ptr=p.quant_map,
-                BLOCKSIZE=p.blocksize, NESTED=int(p.nested), **nested)
+                BLOCKSIZE=p.blocksize, NESTED=int(p.nested), ROW_BLOCKS=int(p.shape[-1] % p.blocksize == 0),
+                **nested)
 
 
 @registers(Int8Rows, "triton")
@@ -119,10 +120,29 @@ def _int8_args(p: Int8Rows) -> TileArgs:
                 HAS_DIVISOR=int(float(p.divisor) != 1.0))
 
 
+# float8 conversion instructions exist from compute capability 8.9 (Ada); below, float8 codes are read as bytes and
+# decoded by integer arithmetic (bit-exact: tests/kernels/test_triton_kernels.py checks all 256 codes)
+FLOAT8_HARDWARE = (8, 9)
+
+
+def float8_by_bits(capability: tuple[int, int] | None) -> bool:
+    """Whether the kernels decode float8 codes by integer arithmetic on a GPU of this compute capability."""
+    return capability is not None and tuple(capability) < FLOAT8_HARDWARE
+
+
+def _capability(tensor: torch.Tensor) -> tuple[int, int] | None:
+    if tensor.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(tensor.device)
+
+
 @registers(Float8, "triton")
-def _float8_args(p: Float8) -> TileArgs:
-    return bind(tile_float8, _native(p), p.shape, codes_ptr=p.qdata, scale_ptr=p.scale, stride_n=p.qdata.stride(0),
-                PER_ROW=int(p.per_row))
+def _float8_args(p: Float8, capability: tuple[int, int] | None = None) -> TileArgs:
+    codes, bits = p.qdata, 0
+    if float8_by_bits(capability or _capability(p.qdata)):
+        codes, bits = p.qdata.view(torch.uint8), 1 if p.qdata.dtype == torch.float8_e4m3fn else 2
+    return bind(tile_float8, _native(p), p.shape, codes_ptr=codes, scale_ptr=p.scale, stride_n=p.qdata.stride(0),
+                PER_ROW=int(p.per_row), BITS=bits)
 
 
 @registers(Int4Grouped, "triton")
@@ -142,16 +162,18 @@ def _quanto_args(p: QuantoGrouped) -> TileArgs:
 
 
 @registers(NVFP4, "triton")
-def _nvfp4_args(p: NVFP4) -> TileArgs:
-    return bind(tile_nvfp4, 0, p.shape, codes_ptr=p.qdata, block_scale_ptr=p.block_scale,
+def _nvfp4_args(p: NVFP4, capability: tuple[int, int] | None = None) -> TileArgs:
+    bits = float8_by_bits(capability or _capability(p.qdata))
+    scales = p.block_scale.view(torch.uint8) if bits else p.block_scale
+    return bind(tile_nvfp4, 0, p.shape, codes_ptr=p.qdata, block_scale_ptr=scales,
                 global_scale_ptr=p.global_scale, stride_n=p.qdata.stride(0), stride_scale_n=p.block_scale.stride(0),
-                SCALE_BLOCK=p.block_size)
+                SCALE_BLOCK=p.block_size, BITS=int(bits))
 
 
 @registers(Int4Blocks, "triton")
 def _int4_blocks_args(p: Int4Blocks) -> TileArgs:
     return bind(tile_int4_blocks, 0, p.shape, codes_ptr=p.qdata, scale_ptr=p.scale, stride_n=p.qdata.stride(0),
-                SCALE_BLOCK=p.block_size)
+                SCALE_BLOCK=p.block_size, ROW_BLOCKS=int(p.shape[-1] % p.block_size == 0))
 
 
 @registers(GGUFBlocks, "triton")
@@ -162,9 +184,38 @@ def _gguf_args(p: GGUFBlocks) -> TileArgs:
                 QTYPE=GGUF_CODES[p.qtype], BLOCK_WEIGHTS=per_block, BLOCK_BYTES=block_bytes)
 
 
-def tile_args(packed: PackedWeight) -> TileArgs:
-    """The tile helper and its arguments for one packed weight, by its format's registered spec."""
-    args = implementation(packed, "triton", "triton")(packed)
+# --- decode budgets -------------------------------------------------------------------------------------------
+# The most weight-tile elements per thread (BLOCK_N x BLOCK_K over the program's threads, per K step) each decoder
+# compiles for without spilling registers to local memory on sm_80, sm_89 and sm_90, per matmul skeleton: measured
+# with quantserve.kernels.aot over every config (benchmarks/triton_aot.md) and checked by tests/kernels/test_aot.py.
+# A spill turns a weight-bandwidth-bound kernel into a local-memory-bound one, so the autotuner never tries a
+# config over budget (triton_common.within_budget). Decoders not named take the default.
+DECODE_BUDGETS: dict[str, dict[str, int]] = {
+    "splitk": {"default": 32, "tile_float8": 64, "tile_quanto": 64, "gguf:BF16": 64, "gguf:F16": 64,
+               "gguf:Q4_K": 16, "gguf:Q5_K": 16, "gguf:IQ4_NL": 16, "gguf:IQ4_XS": 16},
+    "tiled": {"default": 16, "tile_float8": 32, "tile_quanto": 32, "tile_int8_rows": 32, "gguf:Q4_0": 32,
+              "gguf:Q5_0": 32, "gguf:Q5_1": 32, "gguf:Q8_0": 32, "gguf:Q4_K": 32, "gguf:Q5_K": 32},
+}
+_GGUF_NAMES = {code: name for name, code in GGUF_CODES.items()}
+
+
+def decoder_name(tile: Any, meta0: int) -> str:
+    """The decoder a tile helper and its first constant select: the helper's name, or gguf:<ggml type>."""
+    name = getattr(getattr(tile, "fn", tile), "__name__", str(tile))
+    return f"gguf:{_GGUF_NAMES[int(meta0)]}" if name == "tile_gguf" else name
+
+
+def decode_budget(kernel: str, tile: Any, meta0: int) -> int:
+    """Weight elements per thread per K step the decoder of (`tile`, `meta0`) gets in `kernel` (splitk, tiled)."""
+    table = DECODE_BUDGETS[kernel]
+    return table.get(decoder_name(tile, meta0), table["default"])
+
+
+def tile_args(packed: PackedWeight, capability: tuple[int, int] | None = None) -> TileArgs:
+    """The tile helper and its arguments for one packed weight, by its format's registered spec, for a GPU of
+    `capability` (default: the packed weight's own device; ahead-of-time builds name their target's)."""
+    spec = implementation(packed, "triton", "triton")
+    args = spec(packed, capability) if "capability" in inspect.signature(spec).parameters else spec(packed)
     n, k = args.shape
     if n * k >= 2**31:
         raise FormatError(f"triton: a {n}x{k} weight has {n * k} elements; the kernels index with int32 "
@@ -172,4 +223,4 @@ def tile_args(packed: PackedWeight) -> TileArgs:
     return args
 
 
-__all__ = ["ARG_SLOTS", "META_SLOTS", "PTR_SLOTS", "TileArgs", "bind", "parameters", "tile_args"]
+__all__ = ["ARG_SLOTS", "DECODE_BUDGETS", "FLOAT8_HARDWARE", "decode_budget", "decoder_name", "float8_by_bits", "META_SLOTS", "PTR_SLOTS", "TileArgs", "bind", "parameters", "tile_args"]

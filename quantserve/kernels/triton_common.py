@@ -64,5 +64,93 @@ def f16_at(ptr, mask):
     return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
+# --- per-group values: loaded once per (row, group), spread over the group's columns --------------------------
+# A tile's scales repeat along K (one per block of 16..256 columns). Loading them per element costs a 64-bit
+# address, a register and a pipelined shared-memory slot per element (the builds for real GPUs spilled and ran out
+# of shared memory on exactly that: benchmarks/triton_aot.md); loading them per group and spreading the values
+# costs that once per group. Tiles start at a multiple of BLOCK_K, BLOCK_K and groups are powers of two, so a
+# tile covers whole groups (BLOCK_K >= GROUP) or lies inside one (BLOCK_K < GROUP).
 
-__all__ = ["INTERPRETED", "NATIVE_CODES", "cast_to", "f16_at", "round_to", "u8_at"]
+
+@triton.jit
+def group_cols(k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The groups of GROUP columns a tile starting at column k0 covers, as a (1, max(1, BLOCK_K // GROUP)) index,
+    and which of them lie inside the K columns."""
+    if BLOCK_K > GROUP:
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)[None, :]
+    else:
+        g = k0 // GROUP + tl.arange(0, 1)[None, :]
+    return g, g * GROUP < K
+
+
+@triton.jit
+def spread(v, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, groups) values from `group_cols` spread to (BLOCK_N, BLOCK_K): column j takes its group's value."""
+    BLOCK_N: tl.constexpr = v.shape[0]
+    if BLOCK_K > GROUP:
+        out = tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP)), (BLOCK_N, BLOCK_K))
+    else:
+        out = tl.broadcast_to(v, (BLOCK_N, BLOCK_K))
+    return out
+
+
+@triton.jit
+def lookup16(table_ptr, code):
+    """table_ptr[code] for 4-bit codes, from a 16-entry float32 table held in registers (tl.gather): a gather from
+    global memory per element would be pipelined through shared memory, 4 bytes per element and stage."""
+    BLOCK_N: tl.constexpr = code.shape[0]
+    table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+    return tl.gather(table, code, 1)
+
+
+# --- autotune configs a device can run -------------------------------------------------------------------------
+
+def weight_elements_per_thread(config: triton.Config, rows_key: str = "BLOCK_N") -> int:
+    """Weight-tile elements each thread decodes per K step under `config` (BLOCK_N x BLOCK_K over its threads)."""
+    return config.kwargs[rows_key] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+
+
+def within_budget(configs: list[triton.Config], budget: int) -> list[triton.Config]:
+    """The configs whose weight tile stays within a format's per-thread decode budget (`triton_args.decode_budget`:
+    the most elements per thread its decoder compiles for without spilling registers on sm_80/sm_89/sm_90,
+    measured by quantserve.kernels.aot); the one with the fewest when none does."""
+    kept = [c for c in configs if weight_elements_per_thread(c) <= budget]
+    return kept or [min(configs, key=weight_elements_per_thread)]
+
+
+def fits_shared_memory(configs: list[triton.Config], shared_of, limit: int) -> list[triton.Config]:
+    """The configs whose compiled kernel needs at most `limit` bytes of shared memory per block (`shared_of(config)`
+    compiles it and reads Triton's metadata); the smallest when none fits. The ahead-of-time report applies the
+    same rule to each target's limit (quantserve.kernels.aot)."""
+    sizes = {id(c): shared_of(c) for c in configs}
+    kept = [c for c in configs if sizes[id(c)] <= limit]
+    return kept or [min(configs, key=lambda c: sizes[id(c)])]
+
+
+def device_shared_memory(device: int) -> int:
+    """The most shared memory one block may use on CUDA device `device` (opt-in maximum, as Triton's launcher
+    checks it before raising OutOfResources)."""
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device)["max_shared_mem"])
+
+
+def prune_for_device(kernel, configs: list[triton.Config], named_args: dict, kwargs: dict) -> list[triton.Config]:
+    """Drop the configs whose compiled `kernel` needs more shared memory than the current CUDA device gives a
+    block, before the autotuner benchmarks them (so no launch fails with OutOfResources). Each config is compiled
+    here (`warmup`, with the launch's own arguments); the autotuner then reuses those compiles."""
+    if INTERPRETED or len(configs) < 2 or not torch.cuda.is_available():
+        return configs
+    args = list(named_args.values())
+
+    def shared_of(config: triton.Config) -> int:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs, num_warps=config.num_warps,
+                                 num_stages=config.num_stages, **config.kwargs)
+        return int(compiled.metadata.shared)
+
+    return fits_shared_memory(configs, shared_of, device_shared_memory(torch.cuda.current_device()))
+
+
+__all__ = ["INTERPRETED", "NATIVE_CODES", "cast_to", "device_shared_memory", "f16_at", "fits_shared_memory",
+           "group_cols", "lookup16", "prune_for_device", "round_to", "spread", "u8_at",
+           "weight_elements_per_thread", "within_budget"]

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .formats import FormatError, PackedWeight, device_of
 from .triton_args import tile_args
-from .triton_common import INTERPRETED, cast_to, round_to
+from .triton_common import INTERPRETED, cast_to, prune_for_device, round_to
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -25,12 +25,14 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far larger than the weight (they only add masked work)."""
+    """Drop tiles far larger than the weight (they only add masked work), and those whose shared memory the device
+    lacks."""
     args = {**named_args, **kwargs}
     n_cap = max(16, triton.next_power_of_2(int(args["N"])))
     k_cap = max(32, triton.next_power_of_2(int(args["K"])))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return prune_for_device(_dequant_kernel.fn, kept, named_args, kwargs)
 
 
 @triton.autotune(configs=_configs(), key=["N", "K", "TILE", "W_META0", "W_META1", "W_META2",
@@ -42,9 +44,10 @@ def _dequant_kernel(out_ptr, stride_on, w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, 
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
-    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
+    k0 = pid_k * BLOCK_K
+    rk = (k0 + tl.arange(0, BLOCK_K))[None, :]
     mask = (rn < N) & (rk < K)
-    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, mask, N, K,
+    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, k0, mask, N, K,
              W_META0, W_META1, W_META2)
     w = round_to(w, NATIVE)
     tl.store(out_ptr + rn * stride_on + rk, cast_to(w, out_ptr.dtype.element_ty), mask=mask)

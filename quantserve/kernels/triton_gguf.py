@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .gguf import BLOCK_SIZES as GGUF_BLOCK_SIZES
-from .triton_common import f16_at, u8_at
+from .triton_common import f16_at, lookup16, u8_at
 
 # ggml types the GGUF tile helper decodes, by constexpr code
 GGUF_CODES = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "Q2_K": 5, "Q3_K": 6, "Q4_K": 7, "Q5_K": 8,
@@ -133,7 +133,7 @@ def _q6_k(p, base, j, mask):
 @triton.jit
 def _iq4_nl(p, levels, base, j, mask):
     idx = (u8_at(p + base + 2 + j % 16, mask) >> ((j // 16) * 4)) & 15
-    return f16_at(p + base, mask) * tl.load(levels + idx, mask=mask, other=0.0)
+    return f16_at(p + base, mask) * lookup16(levels, idx)
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def _iq4_xs(p, levels, base, j, mask):
     sc = (low | (high << 4)) - 32
     t = j % 32
     idx = (u8_at(p + base + 8 + sub * 16 + t % 16, mask) >> ((t // 16) * 4)) & 15
-    return (f16_at(p + base, mask) * sc.to(tl.float32)) * tl.load(levels + idx, mask=mask, other=0.0)
+    return (f16_at(p + base, mask) * sc.to(tl.float32)) * lookup16(levels, idx)
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def _f32(p, base, mask):
 
 @triton.jit
 def tile_gguf(blocks_ptr, levels_ptr, unused_ptr2, unused_ptr3, unused_ptr4, stride_n, unused_arg1, unused_arg2,
-              rn, rk, mask, N, K, QTYPE: tl.constexpr, BLOCK_WEIGHTS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+              rn, rk, k0, mask, N, K, QTYPE: tl.constexpr, BLOCK_WEIGHTS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
     """blocks_ptr raw ggml blocks (N, bytes per row), levels_ptr the IQ4 levels (16 float32); stride_n its row
     stride; QTYPE the ggml type's code (GGUF_CODES), BLOCK_WEIGHTS weights and BLOCK_BYTES bytes per block."""
     j = rk % BLOCK_WEIGHTS

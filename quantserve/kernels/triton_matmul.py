@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .formats import FormatError, PackedWeight, device_of
-from .triton_args import tile_args
-from .triton_common import INTERPRETED, cast_to, round_to
+from .triton_args import decode_budget, tile_args
+from .triton_common import INTERPRETED, cast_to, prune_for_device, round_to, within_budget
 
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SPLITK_MAX_M = 16
@@ -32,19 +32,24 @@ SPLITK_K_UNIT = 32 if INTERPRETED else 256
 
 
 def _tiled_configs() -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Weight elements each thread decodes per K step: 16 for the first
+    five, 32 for the rest; a format runs those within its decode budget (triton_args.decode_budget)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
-    shapes = ((64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 3, 8),
-              (128, 128, 64, 3, 8), (64, 256, 32, 3, 8), (128, 256, 32, 3, 8), (32, 64, 64, 4, 4))
+    shapes = ((64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 8), (128, 128, 32, 3, 8), (32, 64, 32, 4, 4),
+              (128, 128, 64, 3, 8), (64, 256, 32, 3, 8), (128, 256, 32, 3, 8), (32, 64, 64, 4, 4),
+              (64, 128, 32, 4, 4))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes]
 
 
 def _splitk_configs() -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K, stages, warps). Weight elements each thread decodes per K step: 16 for the first three,
+    32 for the next five, 64 for the last two (see `_tiled_configs`)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    shapes = ((32, 128, 3, 4), (64, 64, 3, 4), (64, 128, 3, 4), (128, 64, 3, 4), (32, 256, 3, 4), (64, 256, 3, 8),
-              (128, 128, 3, 8))
+    shapes = ((32, 64, 3, 4), (64, 64, 3, 8), (32, 128, 3, 8), (64, 64, 3, 4), (32, 128, 3, 4), (64, 128, 3, 8),
+              (128, 64, 3, 8), (32, 256, 3, 8), (64, 128, 3, 4), (128, 128, 3, 8))
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w) for bn, bk, s, w in shapes]
 
 
@@ -53,30 +58,35 @@ def _cap(value: int, floor: int) -> int:
 
 
 def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far larger than the problem: they only add masked work."""
+    """Tiles within the format's decode budget, not far larger than the problem (they only add masked work), whose
+    shared memory the device has."""
     a = {**named_args, **kwargs}
+    configs = within_budget(configs, decode_budget("tiled", a["TILE"], a["W_META0"]))
     m_cap, n_cap, k_cap = _cap(a["M"], 16), _cap(a["N"], 16), _cap(a["K"], 32)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
             and c.kwargs["BLOCK_K"] <= k_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return prune_for_device(_tiled_kernel.fn, kept, named_args, kwargs)
 
 
 def _prune_splitk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     a = {**named_args, **kwargs}
+    configs = within_budget(configs, decode_budget("splitk", a["TILE"], a["W_META0"]))
     n_cap, k_cap = _cap(a["N"], 16), _cap(min(int(a["K"]), int(a["K_SPLIT"])), 32)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap
             and int(a["K_SPLIT"]) % c.kwargs["BLOCK_K"] == 0]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return prune_for_device(_splitk_kernel.fn, kept, named_args, kwargs)
 
 
 @triton.jit
-def _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, k_end,
+def _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, k0, N, K, k_end,
                  TILE: tl.constexpr, W_META0: tl.constexpr, W_META1: tl.constexpr, W_META2: tl.constexpr,
                  NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The (BLOCK_N, BLOCK_K) weight tile in the dot's dtype; zero outside rows < N, columns < k_end (so padding
     adds nothing)."""
     mask = (rn < N) & (rk < k_end)
-    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, mask, N, K,
+    w = TILE(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, k0, mask, N, K,
              W_META0, W_META1, W_META2)
     w = tl.where(mask, round_to(w, NATIVE), 0.0)
     return cast_to(w, DOT_DTYPE)
@@ -119,7 +129,7 @@ def _tiled_kernel(x_ptr, y_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, stride_x
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + rm * stride_xm + rk * stride_xk, mask=(rm < M) & (rk < K), other=0.0)
-        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, K, TILE,
+        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, k0, N, K, K, TILE,
                          W_META0, W_META1, W_META2, NATIVE,
                          x_ptr.dtype.element_ty)
         acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)
@@ -152,7 +162,7 @@ def _splitk_kernel(x_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKET, K_SPLIT, stride_
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + rm * stride_xm + rk * stride_xk, mask=(rm < M) & (rk < k_end), other=0.0)
-        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, N, K, k_end, TILE,
+        w = _weight_tile(w_ptr0, w_ptr1, w_ptr2, w_ptr3, w_ptr4, w_arg0, w_arg1, w_arg2, rn, rk, k0, N, K, k_end, TILE,
                          W_META0, W_META1, W_META2, NATIVE,
                          x_ptr.dtype.element_ty)
         acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)

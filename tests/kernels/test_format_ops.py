@@ -36,7 +36,7 @@ def test_tile_arguments_are_bound_by_the_helpers_parameter_names():
 
     assert triton_args.parameters(triton_tiles.tile_float8) == (
         ("codes_ptr", "scale_ptr", "unused_ptr2", "unused_ptr3", "unused_ptr4"),
-        ("stride_n", "unused_arg1", "unused_arg2"), ("PER_ROW", "UNUSED_META1", "UNUSED_META2"))
+        ("stride_n", "unused_arg1", "unused_arg2"), ("PER_ROW", "BITS", "UNUSED_META2"))
     q, s = torch.zeros(3, 8).to(torch.float8_e5m2), torch.ones(3)
     packed = api.pack_fp8(q, s)
     kw = triton_args.tile_args(packed).kwargs()

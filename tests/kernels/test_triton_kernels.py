@@ -132,6 +132,68 @@ def test_dequantize_matches_the_reference(name, packed_weights):
         assert (diff <= _ulp_bound(ref.float(), dtype)).all(), f"{dtype}: max difference {float(diff.max()):.3g}"
 
 
+@pytest.mark.parametrize("name", ["nf4_double_quant", "fp4_block128", "nvfp4", "int4_blocks", "int4_torchao",
+                                  "quanto_int4", "gguf_Q4_K"])
+@pytest.mark.parametrize("block_k", [64, 128])
+def test_wide_tiles_spread_per_group_scales(name, block_k, packed_weights):
+    """The GPU's tiles are wider than the interpreter's one config (BLOCK_K 32): a tile then covers several scale
+    groups, loaded once per group and spread (triton_common.spread). Launch the dequantize skeleton directly with
+    wider tiles and check every element against the reference."""
+    import triton
+
+    from quantserve.kernels import triton_dequant
+    from quantserve.kernels.triton_args import tile_args
+
+    packed = packed_weights(name)
+    n, k = packed.shape
+    args = tile_args(packed)
+    out = _poisoned((n, k), torch.float32)
+    grid = (triton.cdiv(n, 16), triton.cdiv(k, block_k))
+    triton_dequant._dequant_kernel.fn[grid](out, out.stride(0), N=n, K=k, BLOCK_N=16, BLOCK_K=block_k,
+                                            **args.kwargs())
+    ref = R.dequantize(packed, torch.float32)
+    assert not out.isnan().any()
+    assert (out - ref).abs().max() <= _ulp_bound(ref, torch.float32).max(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_codes_decode_by_integer_arithmetic_as_on_sm_80(dtype):
+    """Below compute capability 8.9 there is no float8 conversion: the kernels read the codes as bytes and decode
+    them by bit arithmetic. All 256 codes (NaN and inf included) against torch's conversion, bit for bit, and a
+    matmul through the same path."""
+    from quantserve.kernels import triton_dequant, triton_matmul
+    from quantserve.kernels.triton_args import float8_by_bits, tile_args
+
+    assert float8_by_bits((8, 0)) and float8_by_bits((8, 6)) and not float8_by_bits((8, 9))
+    assert not float8_by_bits((9, 0)) and not float8_by_bits(None)
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(8, 32)
+    packed = api.pack_fp8(codes.to(DEVICE), torch.ones(8, device=DEVICE))
+    args = tile_args(packed, capability=(8, 0))
+    assert args.consts[1] == (1 if dtype == torch.float8_e4m3fn else 2) and args.ptrs[0].dtype == torch.uint8
+    assert tile_args(packed, capability=(9, 0)).consts[1] == 0
+    out = _poisoned((8, 32), torch.float32)
+    triton_dequant._dequant_kernel.fn[(1, 1)](out, out.stride(0), N=8, K=32, BLOCK_N=8, BLOCK_K=32,
+                                              **args.kwargs())
+    want = codes.float()
+    assert torch.equal(out.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(out[finite].view(torch.int32), want[finite].to(DEVICE).view(torch.int32))
+
+
+def test_nvfp4_block_scales_decode_by_integer_arithmetic_as_on_sm_80(packed_weights):
+    from quantserve.kernels import triton_dequant
+    from quantserve.kernels.triton_args import tile_args
+
+    packed = packed_weights("nvfp4")
+    n, k = packed.shape
+    args = tile_args(packed, capability=(8, 0))
+    assert args.consts[1] == 1 and args.ptrs[1].dtype == torch.uint8
+    out = _poisoned((n, k), torch.float32)
+    triton_dequant._dequant_kernel.fn[(2, 2)](out, out.stride(0), N=n, K=k, BLOCK_N=16, BLOCK_K=32,
+                                              **args.kwargs())
+    assert torch.equal(out, R.dequantize(packed, torch.float32).to(DEVICE))
+
+
 # --- fused dequantize-matmul -----------------------------------------------------------------------------------
 
 def _check_linear(packed, m, x_dtype, bias, split_k=None, seed=0, x=None):
