@@ -133,7 +133,8 @@ def test_dequantize_matches_the_reference(name, packed_weights):
 
 
 @pytest.mark.parametrize("name", ["nf4_double_quant", "fp4_block128", "nvfp4", "int4_blocks", "int4_torchao",
-                                  "quanto_int4", "gguf_Q4_K"])
+                                  "quanto_int4", "gguf_Q4_0", "gguf_Q2_K", "gguf_Q3_K", "gguf_Q4_K",
+                                  "gguf_Q5_K", "gguf_Q6_K", "gguf_IQ4_XS"])
 @pytest.mark.parametrize("block_k", [64, 128])
 def test_wide_tiles_spread_per_group_scales(name, block_k, packed_weights):
     """The GPU's tiles are wider than the interpreter's one config (BLOCK_K 32): a tile then covers several scale
