@@ -82,6 +82,20 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/constraints-image.txt /opt/constraints-image.txt
 
+# Triton's cache, filled at build time for the GPU targets the chart's GPU nodes have (no GPU needed here:
+# quantserve.kernels.prefill compiles through Triton's own launcher for each named target), so a new GPU replica
+# starts without compiling its kernels (benchmarks/RESULTS.md: the compile time that saves). Each format x target
+# takes about 25 MB; name the formats your variants serve (python -m quantserve.kernels.aot --help lists them).
+ARG TRITON_PREFILL_TARGETS=sm_80,sm_89,sm_90
+ARG TRITON_PREFILL_FORMATS=nf4
+ENV TRITON_CACHE_DIR=/var/cache/triton
+RUN install -d -o 1000 -g 1000 /var/cache/triton \
+    && if [ -n "$TRITON_PREFILL_FORMATS" ]; then \
+         /opt/venv/bin/python -m quantserve.kernels.prefill --targets "$TRITON_PREFILL_TARGETS" \
+           --formats "$TRITON_PREFILL_FORMATS" --jobs "$(nproc)" --no-progress; \
+       fi \
+    && chown -R 1000:1000 /var/cache/triton
+
 LABEL org.opencontainers.image.title="quantserve" \
       org.opencontainers.image.description="Quantized diffusion models on Ray Serve: A/B router, autoscaling, Prometheus metrics" \
       org.opencontainers.image.version="0.1.0" \

@@ -6,7 +6,9 @@
 #   4. runs the kernel benchmark (benchmarks/kernels.py) at the FLUX shapes (3072x3072, 12288x3072; M = 1, 16, 256,
 #      4096) against cuBLAS bf16 and, where the backend is installed, its own kernel, for every scheme whose backend
 #      imports there;
-#   5. prints the rows for benchmarks/RESULTS.md with the GPU's name (and writes them under $OUT when set).
+#   5. prints the rows for benchmarks/RESULTS.md with the GPU's name (and writes them under $OUT when set);
+#   6. fills a fresh Triton cache for this GPU's target without touching the GPU (quantserve.kernels.prefill),
+#      then launches the same kernels on the GPU and counts the compiles it still had to make (0 expected).
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --rehearse   # here, no GPU: TRITON_INTERPRET=1, tiny shapes (CI runs this)
@@ -137,6 +139,45 @@ else
   echo "gpu_check: no scheme's backend runs here; no benchmark" >&2
   STATUS=1
 fi
+step "Triton cache prefilled ahead of time, then found by the GPU"
+PREFILL_CACHE=$(mktemp -d)
+PREFILL_FORMATS=${GPU_CHECK_PREFILL_FORMATS:-int8_rows_bnb,gguf_Q4_K,float8_e4m3_rows}
+if [ "$REHEARSE" = 1 ]; then
+  PREFILL_TARGET=sm_90; PREFILL_M=1; PREFILL_FORMATS=int8_rows_bnb
+else
+  PREFILL_TARGET=${DEVICE##* }; PREFILL_M=1,16,4096
+fi
+env -u TRITON_INTERPRET TRITON_CACHE_DIR="$PREFILL_CACHE" timeout "${GPU_CHECK_PREFILL_TIMEOUT:-300}" \
+  "$PY" -m quantserve.kernels.prefill --targets "$PREFILL_TARGET" --formats "$PREFILL_FORMATS" --m "$PREFILL_M" \
+  --jobs "$(nproc)" --no-progress 2>&1 | grep -v -i warn
+RC=${PIPESTATUS[0]}
+BEFORE=$(ls "$PREFILL_CACHE" | wc -l)
+echo "prefill: exit $RC, $BEFORE cache entries for $PREFILL_TARGET"
+[ "$RC" = 0 ] || STATUS=1
+if [ "$REHEARSE" = 0 ] && [ "$RC" = 0 ]; then
+  TRITON_CACHE_DIR="$PREFILL_CACHE" timeout "${GPU_CHECK_PREFILL_TIMEOUT:-300}" "$PY" - "$PREFILL_FORMATS" "$PREFILL_M" <<'EOF'
+import dataclasses, sys
+import torch
+from quantserve.kernels import aot, triton_dequant, triton_matmul
+for fmt in sys.argv[1].split(","):
+    packed = aot.packed_format(fmt, aot.FLUX_N)
+    fields = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    packed = type(packed)(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+    n, k = packed.shape
+    for m in map(int, sys.argv[2].split(",")):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        triton_matmul.linear(x, packed, torch.zeros(n, dtype=torch.bfloat16, device="cuda"))
+    triton_dequant.dequantize(packed, torch.bfloat16)
+torch.cuda.synchronize()
+EOF
+  RC=$?
+  AFTER=$(ls "$PREFILL_CACHE" | wc -l)
+  echo "GPU launches: exit $RC; compiles the GPU still made: $((AFTER - BEFORE)) (0: every launch found its prefilled compile)"
+  [ "$RC" = 0 ] || STATUS=1
+fi
+rm -rf "$PREFILL_CACHE"
+
 echo
 echo "gpu_check: $([ "$STATUS" = 0 ] && echo OK || echo FAILED) on $DEVICE"
+
 exit $STATUS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -208,7 +209,22 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
     cache = TuneCache()
     results = []
+    targets = [t.strip() for t in (args.triton_targets or "").split(",") if t.strip()]
+    if targets:
+        from quantserve.kernels.aot import TARGETS
+
+        unknown = sorted(set(targets) - set(TARGETS))
+        if unknown:
+            print(f"error: --triton-targets: unknown {', '.join(unknown)}; accepted: {', '.join(TARGETS)}",
+                  file=sys.stderr)
+            return EXIT_INVALID
     for _, model, m_values in _models_for_kernels(args):
+        if targets:
+            from quantserve.runtime.autotune import prefill_triton
+
+            made = prefill_triton(model, m_values, targets, progress=True)
+            print("triton cache: " + ", ".join(f"{t} {n} compiles" for t, n in made.items()) +
+                  f" in {os.environ.get('TRITON_CACHE_DIR') or '~/.triton/cache'}")
         results += autotune(model, m_values, device=args.device, cache=cache, policy=KernelPolicy.from_env(),
                             progress=True)
     fresh = [r for r in results if not r.cached]
@@ -343,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="device to tune on (default cpu; e.g. cuda)")
         if command == "explain":
             p.add_argument("--json", action="store_true", help="print the decisions as JSON")
+        else:
+            p.add_argument("--triton-targets", metavar="SM,...",
+                           help="also compile quantserve's Triton kernels for these GPU targets (e.g. sm_80,sm_90) "
+                                "at the model's layer shapes into Triton's cache (TRITON_CACHE_DIR), on any machine, "
+                                "so a replica on such a GPU starts without compiling")
         p.set_defaults(func=func)
 
     from quantserve.default_model.eval_cli import add_eval_command

@@ -84,8 +84,9 @@ SPEC_N = 64  # rows of the packed weights built here: only K enters the tile arg
 # --- packed formats ---------------------------------------------------------------------------------------------
 
 
-def _formats() -> dict[str, Callable[[], Any]]:
-    """name -> builder of a small packed weight with K = FLUX_K (zeros: only dtypes, strides and constants count)."""
+def _formats(n: int = SPEC_N) -> dict[str, Callable[[], Any]]:
+    """name -> builder of a packed weight of n rows with K = FLUX_K (zeros: only dtypes, strides and constants
+    count)."""
     import torch
 
     from . import api
@@ -93,7 +94,7 @@ def _formats() -> dict[str, Callable[[], Any]]:
     from .gguf import BLOCK_SIZES
     from .int4 import quantize_int4_grouped
 
-    n, k = SPEC_N, FLUX_K
+    k = FLUX_K
     u8 = torch.uint8
 
     def bnb(nested: bool) -> Any:
@@ -158,6 +159,14 @@ def decline_reason(fmt: str, target: Target) -> str | None:
 
 
 _PACKED: dict[str, Any] = {}
+
+
+def packed_format(fmt: str, n: int) -> Any:
+    """A zero packed weight of format `fmt` with n rows and K = FLUX_K."""
+    cases = _formats(n)
+    if fmt not in cases:
+        raise ValueError(f"format {fmt!r}; accepted: {', '.join(cases)}")
+    return cases[fmt]()
 
 
 def _packed(fmt: str) -> Any:

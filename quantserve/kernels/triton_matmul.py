@@ -196,10 +196,10 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-def pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+def pick_split_k(m: int, n: int, k: int, device: torch.device, sm_count: int | None = None) -> int:
     """How many K splits fill the device: about two programs per SM, never a split shorter than one K unit."""
     n_tiles = triton.cdiv(n, 64)
-    want = triton.cdiv(2 * _sm_count(device), n_tiles)
+    want = triton.cdiv(2 * (sm_count or _sm_count(device)), n_tiles)
     return max(1, min(want, triton.cdiv(k, SPLITK_K_UNIT), 64))
 
 
@@ -239,30 +239,44 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         return out.reshape(*lead, n)
     if bias is not None:
         bias = bias.reshape(-1).to(x.dtype).contiguous()
+    for kernel, grid, launch_args, launch_kwargs in launches(x2, args, bias, out, split_k):
+        kernel[grid](*launch_args, **launch_kwargs)
+    return out.reshape(*lead, n)
+
+
+def launches(x2: torch.Tensor, args, bias: torch.Tensor | None, out: torch.Tensor, split_k: int | None = None,
+             sm_count: int | None = None) -> list[tuple]:
+    """The kernel launches of `linear` for a (M, K) x: (kernel, grid, positional args, keyword args) each, in
+    order. `linear` runs them; kernels.prefill compiles them (`warmup`) for a GPU target, on a machine without one,
+    with exactly these arguments, so a GPU's launch finds its compile in Triton's cache."""
+    n, k = args.shape
+    m = x2.shape[0]
+    device = x2.device
     common = dict(HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
-                  PRECISION="tf32x3" if x.dtype == torch.float32 else None, **args.kwargs())
+                  PRECISION="tf32x3" if x2.dtype == torch.float32 else None, **args.kwargs())
     bias_arg = bias if bias is not None else out
     m_bucket = triton.next_power_of_2(m)
-    if m <= SPLITK_MAX_M:
-        split = split_k or pick_split_k(m, n, k, device)
-        k_split = triton.cdiv(triton.cdiv(k, split), SPLITK_K_UNIT) * SPLITK_K_UNIT
-        split = triton.cdiv(k, k_split)
-        partial = split > 1
-        target = torch.empty((split, m, n), dtype=torch.float32, device=device) if partial else out
-
-        def grid(meta: dict) -> tuple[int, int]:
-            return triton.cdiv(n, meta["BLOCK_N"]), split
-
-        _splitk_kernel[grid](x2, target, bias_arg, m, n, k, m_bucket, k_split, x2.stride(0), x2.stride(1),
-                             target.stride(-2), PARTIAL=partial, BLOCK_M=16, **common)
-        if partial:
-            block = 128 if not INTERPRETED else 32
-            _splitk_reduce_kernel[(m, triton.cdiv(n, block))](target, out, bias_arg, m, n, split, out.stride(0),
-                                                              HAS_BIAS=bias is not None, BLOCK=block)
-    else:
-        def grid(meta: dict) -> tuple[int]:
+    if m > SPLITK_MAX_M:
+        def tiled_grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _tiled_kernel[grid](x2, out, bias_arg, m, n, k, m_bucket, x2.stride(0), x2.stride(1), out.stride(0),
-                            **common)
-    return out.reshape(*lead, n)
+        return [(_tiled_kernel, tiled_grid, (x2, out, bias_arg, m, n, k, m_bucket, x2.stride(0), x2.stride(1),
+                                             out.stride(0)), common)]
+    split = split_k or pick_split_k(m, n, k, device, sm_count)
+    k_split = triton.cdiv(triton.cdiv(k, split), SPLITK_K_UNIT) * SPLITK_K_UNIT
+    split = triton.cdiv(k, k_split)
+    partial = split > 1
+    target = torch.empty((split, m, n), dtype=torch.float32, device=device) if partial else out
+
+    def splitk_grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n, meta["BLOCK_N"]), split
+
+    plan = [(_splitk_kernel, splitk_grid, (x2, target, bias_arg, m, n, k, m_bucket, k_split, x2.stride(0),
+                                           x2.stride(1), target.stride(-2)),
+             dict(PARTIAL=partial, BLOCK_M=16, **common))]
+    if partial:
+        block = 128 if not INTERPRETED else 32
+        plan.append((_splitk_reduce_kernel, (m, triton.cdiv(n, block)),
+                     (target, out, bias_arg, m, n, split, out.stride(0)), dict(HAS_BIAS=bias is not None,
+                                                                              BLOCK=block)))
+    return plan

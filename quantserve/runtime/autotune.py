@@ -187,6 +187,36 @@ def autotune(model: nn.Module, m_values: list[int], device: torch.device | str |
     return results
 
 
+def prefill_triton(model: nn.Module, m_values: list[int], targets: list[str], progress: bool = False) -> dict[str, int]:
+    """Fill Triton's cache (TRITON_CACHE_DIR) for GPU `targets` (kernels.aot.TARGETS names) with every compile
+    `model`'s quantized layers make at these M values (kernels.prefill), on any machine; returns compiles per
+    target. Layers with no packed format (no quantserve kernel) are skipped."""
+    from tqdm.auto import tqdm
+
+    from ..kernels.formats import FormatError
+    from ..kernels.prefill import warm_packed
+    from .backends.base import NoPackedFormat
+
+    problems: dict[tuple, tuple[Any, torch.dtype, bool]] = {}
+    for _, layer in quant_layers(model):
+        try:
+            packed = layer.qweight.packed()
+        except (NoPackedFormat, FormatError):
+            continue
+        dtype = layer.compute_dtype or (layer.bias.dtype if layer.bias is not None else torch.bfloat16)
+        if dtype not in (torch.bfloat16, torch.float16):
+            dtype = torch.bfloat16
+        key = (layer.qweight.fmt, layer.out_features, layer.in_features, dtype, layer.bias is not None)
+        problems.setdefault(key, (packed, dtype, layer.bias is not None))
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    made = {t: 0 for t in targets}
+    todo = [(t, p) for t in targets for p in problems.values()]
+    for target, (packed, dtype, bias) in tqdm(todo, desc="triton prefill", unit="layer shape",
+                                              disable=not progress or not todo):
+        made[target] += warm_packed(packed, target, m_values, (names[dtype],), bias)
+    return made
+
+
 def tokens_for(model: nn.Module, resolution: int, batch: int) -> int:
     """Rows (M) a transformer's Linear layers see for one image batch at `resolution` pixels of latent/pixel space."""
     config = getattr(model, "config", None)

@@ -110,3 +110,27 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
 def test_default_command_serves_on_every_interface():
     [cmd] = [c for c in _stages()[-1] if c.cmd == "CMD"]
     assert cmd.json and cmd.value[:2] == ("quantserve", "serve") and "0.0.0.0" in cmd.value
+
+
+def test_image_prefills_tritons_cache_for_named_targets_and_formats():
+    """The runtime stage fills Triton's cache (TRITON_CACHE_DIR, owned by the serving user) with
+    quantserve.kernels.prefill for the build args' targets and formats, which must be ones it knows."""
+    from quantserve.kernels import aot
+
+    runtime = _stages()[-1]
+    args = dict(c.value[0].split("=", 1) for c in runtime if c.cmd == "ARG" and "=" in c.value[0])
+    targets = args["TRITON_PREFILL_TARGETS"].split(",")
+    formats = args["TRITON_PREFILL_FORMATS"].split(",")
+    assert set(targets) <= set(aot.TARGETS) and {"sm_80", "sm_90"} <= set(targets)
+    assert formats and set(formats) <= set(aot.format_names())
+    env = [c.value for c in runtime if c.cmd == "ENV"]
+    assert any(v[i] == "TRITON_CACHE_DIR" and v[i + 1] == "/var/cache/triton" for v in env
+               for i in range(0, len(v) - 1, 2))
+    [run] = [c for c in runtime if c.cmd == "RUN" and "quantserve.kernels.prefill" in c.value[0]]
+    text = run.value[0]
+    assert '--targets "$TRITON_PREFILL_TARGETS"' in text and '--formats "$TRITON_PREFILL_FORMATS"' in text
+    assert "chown -R 1000:1000 /var/cache/triton" in text
+    # the user the image runs as comes after: the cache it reads is its own
+    users = [c.value[0] for c in runtime if c.cmd == "USER"]
+    assert users == ["1000:1000"]
+    assert runtime.index(run) < [c.cmd for c in runtime].index("USER")
