@@ -252,11 +252,14 @@ def _volume(spec: dict[str, Any]) -> int:
     return volume if spec["kwargs"] else 0
 
 
-def _elements_per_thread(spec: dict[str, Any]) -> int:
+def _cost(spec: dict[str, Any]) -> int:
+    """The config's per-thread register demand (triton_common.thread_cost), 0 for configs without a weight tile."""
+    from .triton_common import thread_cost
+
     kw = spec["kwargs"]
     if "BLOCK_N" not in kw or "BLOCK_K" not in kw:
         return 0
-    return kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * spec["num_warps"])
+    return thread_cost(kw, spec["num_warps"])
 
 
 def _local_config_specs() -> dict[str, list[dict[str, Any]]]:
@@ -305,10 +308,10 @@ def budget_reason(kernel: str, fmt: str, config: int) -> str | None:
     from .triton_args import decode_budget, tile_args
 
     args = tile_args(_packed(fmt))
-    budget = decode_budget(kernel, args.tile, args.consts[0])
-    used = _elements_per_thread(config_specs(kernel)[config])
+    budget = decode_budget(kernel, args.tile, args.consts[0], args.consts[1])
+    used = _cost(config_specs(kernel)[config])
     if used > budget:
-        return f"pruned: {used} weight elements per thread, over the decode budget of {budget}"
+        return f"pruned: per-thread cost {used}, over the decode budget of {budget}"
     return None
 
 
@@ -544,6 +547,32 @@ def summary(results: Iterable[Result]) -> dict[str, dict[str, int]]:
     return out
 
 
+def suggest_budgets(results: Iterable[Result]) -> dict[str, dict[str, int]]:
+    """Per matmul kernel and decoder (`triton_args.decoder_name`): the highest per-thread cost
+    (`triton_common.thread_cost`) such that no compiled build at or under it spills on any target in `results` (a
+    run with `--configs all` and budgets wide open measures them; triton_args.DECODE_BUDGETS is set from it).
+    0: even the cheapest config spills."""
+    from .triton_args import decoder_name, tile_args
+
+    per: dict[tuple[str, str], dict[int, bool]] = {}
+    for r in results:
+        if r.build.kernel not in ("tiled", "splitk") or r.status not in ("compiled", "pruned") or r.registers is None:
+            continue
+        args = tile_args(_packed(r.build.fmt))
+        ept = _cost(config_specs(r.build.kernel)[r.build.config])
+        spills = per.setdefault((r.build.kernel, decoder_name(args.tile, args.consts[0], args.consts[1])), {})
+        spills[ept] = spills.get(ept, False) or r.spills
+    out: dict[str, dict[str, int]] = {}
+    for (kernel, decoder), by_ept in sorted(per.items()):
+        best = 0
+        for ept in sorted(by_ept):
+            if by_ept[ept]:
+                break
+            best = ept
+        out.setdefault(kernel, {})[decoder] = best
+    return out
+
+
 def _kib(n: int | None) -> str:
     return "" if n is None else f"{n / KIB:.1f}"
 
@@ -611,6 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print every build as a JSON line on stdout")
     parser.add_argument("--out", help="write the Markdown report here (atomically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--suggest-budgets", action="store_true",
+                        help="print, per matmul kernel and decoder, the highest per-thread cost that compiles without "
+                             "spilling on every target built (for triton_args.DECODE_BUDGETS)")
     args = parser.parse_args(argv)
 
     def split(text: str) -> list[str]:
@@ -635,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .atomic_write import atomic_write_text
 
         atomic_write_text(args.out, markdown(results, command.strip(), wall, args.jobs))
+    if args.suggest_budgets:
+        print(json.dumps(suggest_budgets(results), indent=1))
     for name, s in summary(results).items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in s.items()), file=sys.stderr)
     print(f"{len(results)} builds in {wall:.0f} s", file=sys.stderr)

@@ -185,30 +185,37 @@ def _gguf_args(p: GGUFBlocks) -> TileArgs:
 
 
 # --- decode budgets -------------------------------------------------------------------------------------------
-# The most weight-tile elements per thread (BLOCK_N x BLOCK_K over the program's threads, per K step) each decoder
-# compiles for without spilling registers to local memory on sm_80, sm_89 and sm_90, per matmul skeleton: measured
-# with quantserve.kernels.aot over every config (benchmarks/triton_aot.md) and checked by tests/kernels/test_aot.py.
-# A spill turns a weight-bandwidth-bound kernel into a local-memory-bound one, so the autotuner never tries a
-# config over budget (triton_common.within_budget). Decoders not named take the default.
+# The highest per-thread cost (triton_common.thread_cost: weight elements decoded per K step plus a quarter of the
+# float32 accumulators) each decoder compiles for without spilling registers to local memory on sm_80, sm_89 and
+# sm_90, per matmul skeleton: measured with `python -m quantserve.kernels.aot --configs all --suggest-budgets` over
+# every config with the budgets wide open (benchmarks/triton_aot.md), checked by tests/kernels/test_aot.py. A
+# spill turns a weight-bandwidth-bound kernel local-memory-bound, so the autotuner never tries a config over its
+# decoder's budget (triton_common.within_budget). Decoders not named take the default (every shipped config:
+# split-K costs 16..66, tiled 20..64).
 DECODE_BUDGETS: dict[str, dict[str, int]] = {
-    "splitk": {"default": 32, "tile_float8": 64, "tile_quanto": 64, "gguf:BF16": 64, "gguf:F16": 64,
-               "gguf:Q4_K": 16, "gguf:Q5_K": 16, "gguf:IQ4_NL": 16, "gguf:IQ4_XS": 16},
-    "tiled": {"default": 16, "tile_float8": 32, "tile_quanto": 32, "tile_int8_rows": 32, "gguf:Q4_0": 32,
-              "gguf:Q5_0": 32, "gguf:Q5_1": 32, "gguf:Q8_0": 32, "gguf:Q4_K": 32, "gguf:Q5_K": 32},
+    "splitk": {"default": 66, "tile_bnb4:nested": 32, "tile_int4_torchao": 33, "tile_int8_rows": 34,
+               "gguf:F32": 34, "gguf:Q4_K": 34, "gguf:Q5_0": 34, "gguf:Q5_K": 34, "gguf:Q6_K": 34},
+    "tiled": {"default": 64, "tile_bnb4:nested": 48, "gguf:BF16": 48, "gguf:F16": 48, "gguf:F32": 48,
+              "gguf:Q8_0": 48, "gguf:IQ4_NL": 36, "gguf:Q6_K": 36, "gguf:Q3_K": 32, "gguf:Q5_K": 24},
 }
 _GGUF_NAMES = {code: name for name, code in GGUF_CODES.items()}
 
 
-def decoder_name(tile: Any, meta0: int) -> str:
-    """The decoder a tile helper and its first constant select: the helper's name, or gguf:<ggml type>."""
+def decoder_name(tile: Any, meta0: int, meta1: int = 0) -> str:
+    """The decoder a tile helper and its first two constants select: the helper's name, gguf:<ggml type>, or
+    tile_bnb4:nested for double-quantized bitsandbytes 4-bit."""
     name = getattr(getattr(tile, "fn", tile), "__name__", str(tile))
-    return f"gguf:{_GGUF_NAMES[int(meta0)]}" if name == "tile_gguf" else name
+    if name == "tile_gguf":
+        return f"gguf:{_GGUF_NAMES[int(meta0)]}"
+    if name == "tile_bnb4" and int(meta1):
+        return "tile_bnb4:nested"
+    return name
 
 
-def decode_budget(kernel: str, tile: Any, meta0: int) -> int:
-    """Weight elements per thread per K step the decoder of (`tile`, `meta0`) gets in `kernel` (splitk, tiled)."""
+def decode_budget(kernel: str, tile: Any, meta0: int, meta1: int = 0) -> int:
+    """The per-thread cost budget of the decoder of (`tile`, `meta0`, `meta1`) in `kernel` (splitk, tiled)."""
     table = DECODE_BUDGETS[kernel]
-    return table.get(decoder_name(tile, meta0), table["default"])
+    return table.get(decoder_name(tile, meta0, meta1), table["default"])
 
 
 def tile_args(packed: PackedWeight, capability: tuple[int, int] | None = None) -> TileArgs:

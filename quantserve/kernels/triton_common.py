@@ -95,6 +95,22 @@ def spread(v, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def nibbles(ptr, row_at, k0, K, rows, HIGH_FIRST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The 4-bit codes of columns k0 .. k0 + BLOCK_K of each row (two per byte, the row's bytes at `row_at`;
+    HIGH_FIRST: the even column in the high nibble), as int32 (BLOCK_N, BLOCK_K). Each row's BLOCK_K / 2 bytes are
+    loaded as one contiguous run (vectorized to 128-bit loads), then split and interleaved in registers; per-element
+    byte gathers (two elements reading one byte) cannot be vectorized. Needs K even."""
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    c = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
+    byte = tl.load(ptr + row_at + c, mask=rows & (c * 2 < K), other=0).to(tl.int32) & 255
+    if HIGH_FIRST:
+        pair = tl.join(byte >> 4, byte & 15)
+    else:
+        pair = tl.join(byte & 15, byte >> 4)
+    return tl.reshape(pair, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def lookup16(table_ptr, code):
     """table_ptr[code] for 4-bit codes, from a 16-entry float32 table held in registers (tl.gather): a gather from
     global memory per element would be pipelined through shared memory, 4 bytes per element and stage."""
@@ -105,17 +121,26 @@ def lookup16(table_ptr, code):
 
 # --- autotune configs a device can run -------------------------------------------------------------------------
 
-def weight_elements_per_thread(config: triton.Config, rows_key: str = "BLOCK_N") -> int:
-    """Weight-tile elements each thread decodes per K step under `config` (BLOCK_N x BLOCK_K over its threads)."""
-    return config.kwargs[rows_key] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+def thread_cost(params: dict, num_warps: int) -> int:
+    """What one K step of a config asks of each thread's registers, in weight-element units: the weight elements it
+    decodes (BLOCK_N x BLOCK_K over the program's threads) plus a quarter of its float32 accumulators
+    (BLOCK_M x BLOCK_N; split-K's BLOCK_M is 16): a decoded element keeps several values live (address, code,
+    scale, product), an accumulator one register."""
+    threads = 32 * num_warps
+    rows = params.get("BLOCK_M", 16)
+    return (params["BLOCK_N"] * params["BLOCK_K"] + rows * params["BLOCK_N"] // 4) // threads
+
+
+def config_cost(config: triton.Config) -> int:
+    return thread_cost(config.kwargs, config.num_warps)
 
 
 def within_budget(configs: list[triton.Config], budget: int) -> list[triton.Config]:
-    """The configs whose weight tile stays within a format's per-thread decode budget (`triton_args.decode_budget`:
-    the most elements per thread its decoder compiles for without spilling registers on sm_80/sm_89/sm_90,
-    measured by quantserve.kernels.aot); the one with the fewest when none does."""
-    kept = [c for c in configs if weight_elements_per_thread(c) <= budget]
-    return kept or [min(configs, key=weight_elements_per_thread)]
+    """The configs whose `thread_cost` is within a format's decode budget (`triton_args.decode_budget`: the most
+    its decoder compiles for without spilling registers on sm_80, sm_89 and sm_90, measured by
+    quantserve.kernels.aot); the cheapest when none is."""
+    kept = [c for c in configs if config_cost(c) <= budget]
+    return kept or [min(configs, key=config_cost)]
 
 
 def fits_shared_memory(configs: list[triton.Config], shared_of, limit: int) -> list[triton.Config]:
@@ -152,5 +177,5 @@ def prune_for_device(kernel, configs: list[triton.Config], named_args: dict, kwa
 
 
 __all__ = ["INTERPRETED", "NATIVE_CODES", "cast_to", "device_shared_memory", "f16_at", "fits_shared_memory",
-           "group_cols", "lookup16", "prune_for_device", "round_to", "spread", "u8_at",
-           "weight_elements_per_thread", "within_budget"]
+           "group_cols", "lookup16", "nibbles", "prune_for_device", "round_to", "spread", "u8_at",
+           "config_cost", "thread_cost", "within_budget"]

@@ -32,8 +32,8 @@ SPLITK_K_UNIT = 32 if INTERPRETED else 256
 
 
 def _tiled_configs() -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Weight elements each thread decodes per K step: 16 for the first
-    five, 32 for the rest; a format runs those within its decode budget (triton_args.decode_budget)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); a format runs those within its decode budget
+    (triton_args.DECODE_BUDGETS, in triton_common.thread_cost units: 20..64 here)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
     shapes = ((64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 8), (128, 128, 32, 3, 8), (32, 64, 32, 4, 4),
@@ -44,8 +44,8 @@ def _tiled_configs() -> list[triton.Config]:
 
 
 def _splitk_configs() -> list[triton.Config]:
-    """(BLOCK_N, BLOCK_K, stages, warps). Weight elements each thread decodes per K step: 16 for the first three,
-    32 for the next five, 64 for the last two (see `_tiled_configs`)."""
+    """(BLOCK_N, BLOCK_K, stages, warps), the cheapest first (thread_cost 16..17, 32..34, 66; see
+    `_tiled_configs`)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
     shapes = ((32, 64, 3, 4), (64, 64, 3, 8), (32, 128, 3, 8), (64, 64, 3, 4), (32, 128, 3, 4), (64, 128, 3, 8),
@@ -61,7 +61,7 @@ def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> li
     """Tiles within the format's decode budget, not far larger than the problem (they only add masked work), whose
     shared memory the device has."""
     a = {**named_args, **kwargs}
-    configs = within_budget(configs, decode_budget("tiled", a["TILE"], a["W_META0"]))
+    configs = within_budget(configs, decode_budget("tiled", a["TILE"], a["W_META0"], a["W_META1"]))
     m_cap, n_cap, k_cap = _cap(a["M"], 16), _cap(a["N"], 16), _cap(a["K"], 32)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
             and c.kwargs["BLOCK_K"] <= k_cap]
@@ -71,7 +71,7 @@ def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 def _prune_splitk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     a = {**named_args, **kwargs}
-    configs = within_budget(configs, decode_budget("splitk", a["TILE"], a["W_META0"]))
+    configs = within_budget(configs, decode_budget("splitk", a["TILE"], a["W_META0"], a["W_META1"]))
     n_cap, k_cap = _cap(a["N"], 16), _cap(min(int(a["K"]), int(a["K_SPLIT"])), 32)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap
             and int(a["K_SPLIT"]) % c.kwargs["BLOCK_K"] == 0]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, group_cols, lookup16, round_to, spread, u8_at
+from .triton_common import INTERPRETED, group_cols, lookup16, nibbles, round_to, spread, u8_at
 from .triton_gguf import tile_gguf
 
 # --- bitsandbytes NF4 / FP4 -----------------------------------------------------------------------------------
@@ -41,8 +41,11 @@ def tile_bnb4(codes_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_ma
     quant_map_ptr the 16 code values; ROW_BLOCKS: K is a multiple of BLOCKSIZE (absmax loaded per block)."""
     BLOCK_K: tl.constexpr = rk.shape[1]
     f = rn * K + rk
-    byte = u8_at(codes_ptr + (f >> 1), mask)
-    code = tl.where((f & 1) == 0, byte >> 4, byte & 15)
+    if ROW_BLOCKS:  # K is even: each row's codes are whole bytes
+        code = nibbles(codes_ptr, rn * (K // 2), k0, K, rn < N, True, BLOCK_K)
+    else:
+        byte = u8_at(codes_ptr + (f >> 1), mask)
+        code = tl.where((f & 1) == 0, byte >> 4, byte & 15)
     value = lookup16(quant_map_ptr, code)
     if ROW_BLOCKS:
         g, inside = group_cols(k0, K, BLOCKSIZE, BLOCK_K)
@@ -132,8 +135,8 @@ def tile_int4_torchao(codes_ptr, scale_ptr, zero_ptr, unused_ptr3, unused_ptr4, 
     """codes_ptr int8 (N, K/2), even column in the low nibble, signed, row stride stride_n; scale_ptr and zero_ptr
     (K/GROUP_SIZE, N)."""
     BLOCK_K: tl.constexpr = rk.shape[1]
-    byte = tl.load(codes_ptr + rn * stride_n + (rk >> 1), mask=mask, other=0)
-    q = tl.where((rk & 1) == 0, (byte << 4) >> 4, byte >> 4).to(tl.float32)
+    code = nibbles(codes_ptr, rn * stride_n, k0, K, rn < N, False, BLOCK_K)
+    q = ((code ^ 8) - 8).to(tl.float32)  # signed nibbles
     g, inside = group_cols(k0, K, GROUP_SIZE, BLOCK_K)
     at = g * N + rn
     gmask = (rn < N) & inside
@@ -180,8 +183,7 @@ def tile_nvfp4(codes_ptr, block_scale_ptr, global_scale_ptr, unused_ptr3, unused
     (N, K/SCALE_BLOCK), read as uint8 and decoded by integer arithmetic when BITS (sm_80); global_scale_ptr one
     float32; stride_n, stride_scale_n their row strides."""
     BLOCK_K: tl.constexpr = rk.shape[1]
-    byte = u8_at(codes_ptr + rn * stride_n + (rk >> 1), mask)
-    code = tl.where((rk & 1) == 0, byte & 15, byte >> 4)
+    code = nibbles(codes_ptr, rn * stride_n, k0, K, rn < N, False, BLOCK_K)
     g, inside = group_cols(k0, K, SCALE_BLOCK, BLOCK_K)
     at = rn * stride_scale_n + g
     gmask = (rn < N) & inside
@@ -203,8 +205,7 @@ def tile_int4_blocks(codes_ptr, scale_ptr, unused_ptr2, unused_ptr3, unused_ptr4
     a float32 divisor per block of SCALE_BLOCK columns (row-major over the flat weight); ROW_BLOCKS: K is a
     multiple of SCALE_BLOCK (scales loaded per block)."""
     BLOCK_K: tl.constexpr = rk.shape[1]
-    byte = u8_at(codes_ptr + rn * stride_n + (rk >> 1), mask)
-    code = tl.where((rk & 1) == 0, byte >> 4, byte & 15)
+    code = nibbles(codes_ptr, rn * stride_n, k0, K, rn < N, True, BLOCK_K)
     if ROW_BLOCKS:
         g, inside = group_cols(k0, K, SCALE_BLOCK, BLOCK_K)
         scale = tl.load(scale_ptr + rn * (K // SCALE_BLOCK) + g, mask=(rn < N) & inside, other=1.0)
