@@ -85,7 +85,7 @@ COPY --from=build /opt/constraints-image.txt /opt/constraints-image.txt
 # Triton's cache, filled at build time for the GPU targets the chart's GPU nodes have (no GPU needed here:
 # quantserve.kernels.prefill compiles through Triton's own launcher for each named target), so a new GPU replica
 # starts without compiling its kernels (benchmarks/RESULTS.md: the compile time that saves). Each format x target
-# takes about 25 MB; name the formats your variants serve (python -m quantserve.kernels.aot --help lists them).
+# takes about 16 MB; name the formats your variants serve (python -m quantserve.kernels.aot --help lists them).
 ARG TRITON_PREFILL_TARGETS=sm_80,sm_89,sm_90
 ARG TRITON_PREFILL_FORMATS=nf4
 ENV TRITON_CACHE_DIR=/var/cache/triton

@@ -3,7 +3,7 @@
 #   1. installs the wheels that travel with the checkout in .whl/ (if any) into a private site directory;
 #   2. prints the GPU, torch, Triton and which backends import;
 #   3. runs the Triton kernel tests on CUDA (tests/kernels/test_triton_kernels.py);
-#   4. runs the kernel benchmark (benchmarks/kernels.py) at the FLUX shapes (3072x3072, 12288x3072; M = 1, 16, 256,
+#   4. runs the kernel benchmark (benchmarks/kernels_gpu.py) at the FLUX shapes (3072x3072, 12288x3072; M = 1, 16, 256,
 #      4096) against cuBLAS bf16 and, where the backend is installed, its own kernel, for every scheme whose backend
 #      imports there;
 #   5. prints the rows for benchmarks/RESULTS.md with the GPU's name (and writes them under $OUT when set);
@@ -98,8 +98,7 @@ step "schemes whose backend runs here"
 AVAILABLE=$("$PY" - "$SCHEMES" "$REHEARSE" <<'EOF'
 import importlib.util, sys
 import torch
-# loaded under its own name: on sys.path as "kernels" it would shadow Hugging Face's `kernels` that bitsandbytes imports
-spec = importlib.util.spec_from_file_location("qs_bench_kernels", "benchmarks/kernels.py")
+spec = importlib.util.spec_from_file_location("qs_bench_kernels", "benchmarks/kernels_gpu.py")
 kb = sys.modules["qs_bench_kernels"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kb)
 device = "cpu" if sys.argv[2] == "1" else "cuda"
@@ -119,7 +118,7 @@ echo "benchmarked: ${AVAILABLE:-none}"
 if [ -n "$AVAILABLE" ]; then
   step "kernel benchmark"
   TABLE=${OUT_DIR:-/tmp}/kernels_gpu.md
-  timeout "${GPU_CHECK_BENCH_TIMEOUT:-330}" "$PY" benchmarks/kernels.py --schemes "$AVAILABLE" "${BENCH_ARGS[@]}" \
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-330}" "$PY" benchmarks/kernels_gpu.py --schemes "$AVAILABLE" "${BENCH_ARGS[@]}" \
     --out "$TABLE" > "${OUT_DIR:-/tmp}/bench.log" 2>&1
   RC=$?
   tail -n 5 "${OUT_DIR:-/tmp}/bench.log"

@@ -62,9 +62,6 @@ from pathlib import Path
 from typing import Any
 
 SCRIPT = Path(__file__).resolve()
-# benchmarks/kernels.py would shadow Hugging Face's `kernels` package, which transformers imports: keep this
-# script's own directory off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPT.parent]
 DEFAULT_SCHEMES = "bf16,nf4,int8wo,int4wo,quanto-int8,quanto-int4,gguf-q8_0"
 QUANTIZED = ("transformer", "text_encoder_2")  # what every scheme quantizes
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")

@@ -188,15 +188,16 @@ def _gguf_args(p: GGUFBlocks) -> TileArgs:
 # The highest per-thread cost (triton_common.thread_cost: weight elements decoded per K step plus a quarter of the
 # float32 accumulators) each decoder compiles for without spilling registers to local memory on sm_80, sm_89 and
 # sm_90, per matmul skeleton: measured with `python -m quantserve.kernels.aot --configs all --suggest-budgets` over
-# every config with the budgets wide open (benchmarks/triton_aot.md), checked by tests/kernels/test_aot.py. A
+# every config, bf16 and fp16, with the budgets wide open (benchmarks/triton_aot.md), checked by
+# tests/kernels/test_aot.py. A
 # spill turns a weight-bandwidth-bound kernel local-memory-bound, so the autotuner never tries a config over its
 # decoder's budget (triton_common.within_budget). Decoders not named take the default (every shipped config:
 # split-K costs 16..66, tiled 20..64).
 DECODE_BUDGETS: dict[str, dict[str, int]] = {
-    "splitk": {"default": 66, "tile_bnb4:nested": 32, "tile_int4_torchao": 33, "tile_int8_rows": 34,
-               "gguf:F32": 34, "gguf:Q4_K": 34, "gguf:Q5_0": 34, "gguf:Q5_K": 34, "gguf:Q6_K": 34},
+    "splitk": {"default": 66, "tile_bnb4": 33, "tile_bnb4:nested": 32, "tile_int4_torchao": 33, "tile_int8_rows": 34,
+               "gguf:F32": 34, "gguf:Q4_0": 34, "gguf:Q4_K": 34, "gguf:Q5_0": 34, "gguf:Q5_K": 34, "gguf:Q6_K": 34},
     "tiled": {"default": 64, "tile_bnb4:nested": 48, "gguf:BF16": 48, "gguf:F16": 48, "gguf:F32": 48,
-              "gguf:Q8_0": 48, "gguf:IQ4_NL": 36, "gguf:Q6_K": 36, "gguf:Q3_K": 32, "gguf:Q5_K": 24},
+              "gguf:Q8_0": 48, "gguf:IQ4_NL": 36, "gguf:Q6_K": 36, "gguf:Q3_K": 32, "gguf:Q5_0": 32, "gguf:Q5_K": 24},
 }
 _GGUF_NAMES = {code: name for name, code in GGUF_CODES.items()}
 

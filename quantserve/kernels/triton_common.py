@@ -169,8 +169,8 @@ def prune_for_device(kernel, configs: list[triton.Config], named_args: dict, kwa
     args = list(named_args.values())
 
     def shared_of(config: triton.Config) -> int:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs, num_warps=config.num_warps,
-                                 num_stages=config.num_stages, **config.kwargs)
+        # the autotuner launches with config.all_kwargs(): the same compile key, so its benchmark reuses this compile
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
         return int(compiled.metadata.shared)
 
     return fits_shared_memory(configs, shared_of, device_shared_memory(torch.cuda.current_device()))

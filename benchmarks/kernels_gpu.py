@@ -13,9 +13,9 @@ weight's bytes over the time; for dense_bf16 the bf16 weight's), and the floor: 
 measured bf16 matmul rate and the fewest bytes (packed weight, x and y once) over the measured copy bandwidth, both
 ceilings measured on the device first (a large device-to-device copy, a large bf16 matmul).
 
-    python benchmarks/kernels.py --out benchmarks/kernels.md                        # an H100: every scheme
-    python benchmarks/kernels.py --schemes nf4,gguf-q4_k --m 1,16 --out nf4.md       # a subset
-    python benchmarks/kernels.py --smoke                                              # a CPU, Triton's interpreter
+    python benchmarks/kernels_gpu.py --out benchmarks/kernels.md                        # an H100: every scheme
+    python benchmarks/kernels_gpu.py --schemes nf4,gguf-q4_k --m 1,16 --out nf4.md       # a subset
+    python benchmarks/kernels_gpu.py --smoke                                              # a CPU, Triton's interpreter
 
 The first run on a machine compiles and autotunes every kernel variant (a minute or more per scheme); Triton keeps
 the binaries in its cache (~/.triton/cache), so later runs on the same machine start fast. `--smoke` runs tiny
