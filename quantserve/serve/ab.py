@@ -22,7 +22,8 @@ class UnknownVariantError(LookupError):
 
     def __init__(self, field_name: str, name: str, variants: Sequence[str]):
         self.field_name, self.name, self.variants = field_name, name, list(variants)
-        super().__init__(f"{field_name}: no variant {name!r}; variants served: {', '.join(self.variants)}")
+        shown = name if len(name) <= 64 else f"{name[:64]}... ({len(name)} characters)"  # never echo a whole header
+        super().__init__(f"{field_name}: no variant {shown!r}; variants served: {', '.join(self.variants)}")
 
     def __str__(self) -> str:  # LookupError would quote the message
         return self.args[0]

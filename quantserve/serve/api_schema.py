@@ -35,6 +35,17 @@ MAX_EXTRAS = 16
 EXTRA_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
+MAX_INT_DIGITS = 32  # no request field needs more digits (seeds are < 2**31); Python's own limit is 4300
+DEFAULTED_FIELDS = ("n", "response_format", "output_format", "stream")  # fields with a default, not None
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(422, f"body: an integer of {len(text.lstrip('-'))} digits; no field takes more than "
+                                f"{MAX_INT_DIGITS}", "body", "invalid_number")
+    return int(text)
+
+
 class RequestError(ValueError):
     """A client mistake: an HTTP status (400, 404, 413, 422), the field it concerns and a message naming it."""
 
@@ -75,11 +86,17 @@ def parse_body(body: bytes, limits: LimitsConfig, extra_fields: Collection[str] 
         raise RequestError(413, f"body: {len(body)} bytes is over the limit of {limits.max_body_bytes}", "body",
                            "body_too_large")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"body: not valid JSON: {exc}", "body", "invalid_json") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no field of this API nests
+        raise RequestError(400, "body: JSON nested too deeply (no request field holds arrays or objects)", "body",
+                           "invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"body: expected a JSON object, got {type(data).__name__}", "body", "invalid_json")
+    for name in DEFAULTED_FIELDS:  # OpenAI's API takes null for an optional field: its default
+        if name in data and data[name] is None:
+            del data[name]
     try:
         req = ImageRequest.model_validate(data)
     except ValidationError as exc:

@@ -29,7 +29,7 @@ from .ab import validate_sticky_key, validate_weights
 from .quantization import BF16_NAMES, check_quantization, quantization_label
 
 VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")  # "WxH"; always matched with fullmatch
+SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # "WxH", ASCII digits; always matched with fullmatch
 
 
 class ConfigError(ValueError):

@@ -51,9 +51,10 @@ async def _variant_header(request: Request, call_next: Any) -> Response:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods get OpenAI-shaped errors too."""
-    message = f"{request.method} {request.url.path}: {exc.detail}"
+    message = f"{request.method} {request.url.path[:256]}: {exc.detail}"
+    # keep the exception's own headers: a 405 carries Allow
     return JSONResponse(error_body(message, exc.status_code, code="not_found" if exc.status_code == 404 else None),
-                        status_code=exc.status_code, headers={VARIANT_HEADER: NO_VARIANT})
+                        status_code=exc.status_code, headers={**(exc.headers or {}), VARIANT_HEADER: NO_VARIANT})
 
 
 @app.exception_handler(RequestValidationError)
@@ -249,11 +250,11 @@ class Ingress:
         self.metrics.responded("/v1/ab", 200, NO_VARIANT)
         return JSONResponse(state)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD too: some probes and load balancers send it
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> JSONResponse:
         try:
             readiness = await asyncio.wait_for(self.router.readiness.remote(), 10.0)

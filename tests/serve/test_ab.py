@@ -84,6 +84,10 @@ def test_unknown_forced_or_requested_variant_names_the_field() -> None:
         s.assign(requested="gpt")
     with pytest.raises(UnknownVariantError, match=FORCE_HEADER):
         s.assign(forced="gpt")
+    # a huge forcing header is not echoed back whole
+    with pytest.raises(UnknownVariantError) as info:
+        s.assign(forced="x" * 100_000)
+    assert len(str(info.value)) < 300 and "(100000 characters)" in str(info.value)
 
 
 def test_sticky_key_user_header_or_none() -> None:

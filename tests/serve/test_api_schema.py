@@ -87,3 +87,35 @@ def test_error_body_is_openai_shaped() -> None:
         "error": {"message": "n: bad", "type": "invalid_request_error", "param": "n", "code": "invalid_request"}}
     assert error_body("boom", 500, error_id="abc")["error"] == {
         "message": "boom", "type": "server_error", "param": None, "code": None, "error_id": "abc"}
+
+
+def test_hostile_bodies_are_client_errors_naming_the_body() -> None:
+    """Nesting deeper than the parser's stack and integers of thousands of digits were 500s (a RecursionError, and
+    Python's int-digits limit); they are 4xx in the API's error shape."""
+    deep = b'{"prompt":"7","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RequestError) as info:
+        parse_body(deep, LimitsConfig(max_body_bytes=1_000_000))
+    assert info.value.status == 400 and info.value.param == "body" and "nested too deeply" in str(info.value)
+    for digits in (40, 5_000):
+        with pytest.raises(RequestError) as info:
+            parse_body(b'{"prompt":"7","seed":' + b"9" * digits + b"}", LIMITS)
+        assert info.value.status == 422 and info.value.param == "body"
+        assert f"an integer of {digits} digits" in str(info.value)
+    # a modest nesting is parsed, then refused as an unknown field
+    with pytest.raises(RequestError) as info:
+        parse_body(b'{"prompt":"7","x":[[[1]]]}', LIMITS)
+    assert info.value.status == 422 and info.value.param == "x"
+
+
+def test_null_takes_the_default_as_openais_api_does() -> None:
+    req = parse_body(body(n=None, response_format=None, output_format=None, stream=None, size=None, seed=None,
+                          user=None, negative_prompt=None), LIMITS)
+    assert (req.n, req.response_format, req.output_format, req.stream, req.size) == (1, "b64_json", "png", False,
+                                                                                       None)
+
+
+@pytest.mark.parametrize("size", ["64x64\n", "64x64 ", " 64x64", "\u0664\u0664x64", "64X64", "64x"])
+def test_size_is_matched_whole_in_ascii_digits(size: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_body(body(size=size), LIMITS)
+    assert info.value.status == 422 and info.value.param == "size"

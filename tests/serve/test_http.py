@@ -102,6 +102,10 @@ def test_health_and_readiness(app: RunningApp) -> None:
     ({"prompt": "a cat"}, 422, "prompt"),  # reaches a replica: the model knows digits only
     ({"prompt": "7", "model": "no-such-variant"}, 404, "model"),
     (b'{"prompt": "' + b"7" * 20000 + b'"}', 413, "body"),
+    # hostile but small: nesting deeper than the JSON parser's stack, and Python's int-digits limit (were 500s)
+    (b'{"prompt":"7","x":' + b"[" * 2000 + b"]" * 2000 + b"}", 400, "body"),
+    (b'{"prompt":"7","seed":' + b"9" * 5000 + b"}", 422, "body"),
+    ({"prompt": "7", "size": "16x16\n"}, 422, "size"),
 ])
 def test_client_errors_name_the_field(app: RunningApp, body: object, status: int, field: str) -> None:
     url = f"{app.url}/v1/images/generations"
@@ -140,6 +144,22 @@ def test_unknown_route_is_404_with_the_variant_header(app: RunningApp) -> None:
     r = app.get("/v1/nothing-here")
     assert r.status_code == 404 and r.headers[VARIANT] == "none"
     assert "/v1/nothing-here" in r.json()["error"]["message"]
+
+
+def test_wrong_method_is_405_with_allow_and_probes_may_send_head(app: RunningApp) -> None:
+    r = requests.get(f"{app.url}/v1/images/generations", timeout=30)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST" and r.headers[VARIANT] == "none"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    for path in ("/healthz", "/readyz"):
+        head = requests.head(f"{app.url}{path}", timeout=30)
+        assert head.status_code == 200 and head.content == b"", path
+
+
+def test_null_optional_fields_take_their_defaults(app: RunningApp) -> None:
+    r = app.post({"prompt": "7", "n": None, "response_format": None, "stream": None, "size": "16x16", "steps": 2,
+                  "seed": None})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1
 
 
 def test_forced_variant_and_requested_model(app: RunningApp) -> None:
