@@ -65,7 +65,7 @@ def build_application(cfg: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s)
+    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s, cfg.auth.ingress_args())
 
 
 def build_app(args: dict) -> Application:

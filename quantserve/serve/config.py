@@ -227,6 +227,40 @@ class HTTPConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
 
 
+class AuthConfig(_Strict):
+    """Optional API keys (quantserve/serve/auth.py): clients send `Authorization: Bearer <key>`; with no key from
+    any source (these, or $QUANTSERVE_API_KEY on the Ingress replicas) the API is open."""
+
+    api_keys: list[str] = Field(default_factory=list, max_length=1000,
+                                description="keys, or 'sha256:<hex>' digests of keys (better: the file need not "
+                                            "hold the keys themselves)")
+    api_keys_file: str | None = Field(None, description="a file on the Ingress replicas' machines with one key per "
+                                                        "line (e.g. a mounted Kubernetes Secret)")
+    docs: bool = Field(False, description="serve /docs and /openapi.json (the docs page loads scripts from a CDN)")
+
+    @model_validator(mode="after")
+    def _keys_are_usable(self) -> AuthConfig:
+        from .auth import AuthError, config_digests
+
+        try:
+            config_digests(self.api_keys)
+        except AuthError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def __repr__(self) -> str:  # never the keys
+        return (f"AuthConfig(api_keys=<{len(self.api_keys)} keys>, api_keys_file={self.api_keys_file!r}, "
+                f"docs={self.docs})")
+
+    __str__ = __repr__
+
+    def ingress_args(self) -> dict[str, Any]:
+        """What the Ingress needs: digests only, never the keys."""
+        from .auth import config_digests
+
+        return {"digests": config_digests(self.api_keys), "file": self.api_keys_file, "docs": self.docs}
+
+
 class MetricsConfig(_Strict):
     """Port of Ray's metrics agent, which serves the Prometheus exposition at /metrics."""
 
@@ -296,6 +330,7 @@ class ServeConfig(_Strict):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress: FrontConfig = Field(default_factory=FrontConfig)
     router: FrontConfig = Field(default_factory=FrontConfig)

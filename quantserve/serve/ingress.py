@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .ab import FORCE_HEADER
 from .api_schema import RequestError, error_body, parse_body, to_job
+from .auth import OPEN_PATHS, ApiKeys
 from .config import LimitsConfig
 from .families import known_extra_fields
 from .generation import new_error_id
@@ -36,13 +37,27 @@ NO_VARIANT = "none"
 MAX_FORWARDED_HEADERS = 32
 PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # never passed to the router
 
-app = FastAPI(title="quantserve", version="0.1.0",
+# /docs and /openapi.json are off unless the config's auth.docs turns them on (the docs page loads scripts from a CDN)
+app = FastAPI(title="quantserve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
               description="Quantized diffusion models behind an A/B router; OpenAI images API compatible.")
 
 
+
 @app.middleware("http")
-async def _variant_header(request: Request, call_next: Any) -> Response:
-    """Make sure every response names its variant ('none' when no variant served it)."""
+async def _auth_and_variant_header(request: Request, call_next: Any) -> Response:
+    """Refuse requests without an accepted API key (when keys are configured; probes stay open), and make sure
+    every response names its variant ('none' when no variant served it). The keys live on the app's state, set by
+    Ingress.__init__ in the replica (not a module global: Ray ships the deployment class by value)."""
+    keys = getattr(request.app.state, "api_keys", None) or ApiKeys()
+    path, root = request.url.path, request.scope.get("root_path", "")  # root_path: the app's route prefix
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    if keys.enabled and path not in OPEN_PATHS and not keys.allows(request.headers.get("authorization")):
+        given = "authorization" in request.headers
+        message = ("Incorrect API key provided (Authorization: Bearer <key>)" if given else
+                   "No API key provided: send it as 'Authorization: Bearer <key>'")
+        return JSONResponse(error_body(message, 401, code="invalid_api_key"), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer", VARIANT_HEADER: NO_VARIANT})
     response = await call_next(request)
     response.headers.setdefault(VARIANT_HEADER, NO_VARIANT)
     return response
@@ -93,7 +108,14 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 class Ingress:
     """Validates requests, hands them to the ABRouter, and shapes the answers."""
 
-    def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0):
+    def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0,
+                 auth: dict[str, Any] | None = None):
+        auth = auth or {}
+        keys = app.state.api_keys = ApiKeys.load(auth.get("digests", ()), auth.get("file"))
+        logger.info("API keys: %s", f"{len(keys)} accepted" if keys.enabled else "none (the API is open)")
+        if auth.get("docs"):
+            app.openapi_url, app.docs_url = "/openapi.json", "/docs"
+            app.setup()  # FastAPI adds its docs routes for the URLs set
         self.router = router
         self.limits = LimitsConfig.model_validate(limits)
         self.extra_fields = known_extra_fields()
