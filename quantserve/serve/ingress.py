@@ -45,9 +45,18 @@ app = FastAPI(title="quantserve", version="0.1.0", docs_url=None, redoc_url=None
 
 @app.middleware("http")
 async def _auth_and_variant_header(request: Request, call_next: Any) -> Response:
-    """Refuse requests without an accepted API key (when keys are configured; probes stay open), and make sure
+    """Refuse oversized request headers (431) and requests without an accepted API key (when keys are configured;
+    probes stay open), and make sure
     every response names its variant ('none' when no variant served it). The keys live on the app's state, set by
     Ingress.__init__ in the replica (not a module global: Ray ships the deployment class by value)."""
+    limits = getattr(request.app.state, "limits", None) or LimitsConfig()
+    headers = request.scope.get("headers", [])
+    size = sum(len(k) + len(v) for k, v in headers)
+    if len(headers) > limits.max_headers or size > limits.max_header_bytes:
+        message = (f"headers: {len(headers)} headers of {size} bytes; at most {limits.max_headers} headers and "
+                   f"{limits.max_header_bytes} bytes in all")
+        return JSONResponse(error_body(message, 431, "headers", "headers_too_large"), status_code=431,
+                            headers={VARIANT_HEADER: NO_VARIANT})
     keys = getattr(request.app.state, "api_keys", None) or ApiKeys()
     path, root = request.url.path, request.scope.get("root_path", "")  # root_path: the app's route prefix
     if root and path.startswith(root):
@@ -117,7 +126,7 @@ class Ingress:
             app.openapi_url, app.docs_url = "/openapi.json", "/docs"
             app.setup()  # FastAPI adds its docs routes for the URLs set
         self.router = router
-        self.limits = LimitsConfig.model_validate(limits)
+        self.limits = app.state.limits = LimitsConfig.model_validate(limits)
         self.extra_fields = known_extra_fields()
         self.request_timeout_s = request_timeout_s
         self.metrics = IngressMetrics()

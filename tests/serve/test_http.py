@@ -155,6 +155,17 @@ def test_wrong_method_is_405_with_allow_and_probes_may_send_head(app: RunningApp
         assert head.status_code == 200 and head.content == b"", path
 
 
+def test_oversized_request_headers_are_431(app: RunningApp) -> None:
+    url = f"{app.url}/v1/images/generations"
+    many = {f"X-Pad-{i}": "1" for i in range(150)}
+    big = {"X-Pad": "x" * 40_000}
+    for headers in (many, big):
+        r = requests.post(url, json={"prompt": "7"}, headers=headers, timeout=60)
+        assert r.status_code == 431, r.text
+        assert r.json()["error"]["param"] == "headers" and r.json()["error"]["code"] == "headers_too_large"
+    assert requests.get(f"{app.url}/healthz", headers={"X-Pad-1": "1"}, timeout=30).status_code == 200
+
+
 def test_null_optional_fields_take_their_defaults(app: RunningApp) -> None:
     r = app.post({"prompt": "7", "n": None, "response_format": None, "stream": None, "size": "16x16", "steps": 2,
                   "seed": None})
