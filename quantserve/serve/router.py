@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -29,6 +30,8 @@ from .generation import error_outcome
 from .metrics import RouterMetrics
 
 logger = logging.getLogger("quantserve.serve")
+# what a handle raises when the replica process serving a call died (SIGKILL, OOM, node loss)
+REPLICA_DIED = (RayActorError, ActorUnavailableError)
 
 RECENT_SHADOWS = 20
 INFO_TIMEOUT_S = 10.0
@@ -94,10 +97,23 @@ class ABRouter:
         return outcome
 
     async def _call(self, variant: str, job: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await self.handles[variant].generate.remote(job)
-        except Exception as exc:  # noqa: BLE001 - always an outcome, never silence
-            return self._failure(variant, exc)
+        """The variant's outcome. A replica that dies under the request (killed, out of memory) loses nothing:
+        generation is seeded and idempotent, so the request runs once more, on a live replica."""
+        for attempt in (1, 2):
+            try:
+                return await self.handles[variant].generate.remote(job)
+            except REPLICA_DIED as exc:
+                if attempt == 1:
+                    logger.warning("variant %s: the replica died under a request (%s); running it again",
+                                   variant, type(exc).__name__)
+                    continue
+                outcome = error_outcome(exc, f"variant {variant}")
+                outcome["message"] = (f"variant {variant}: the replica died under this request, and again under its "
+                                      f"retry on another replica (error id {outcome['error_id']})")
+                return outcome
+            except Exception as exc:  # noqa: BLE001 - always an outcome, never silence
+                return self._failure(variant, exc)
+        raise AssertionError("unreachable")
 
     def _failure(self, variant: str, exc: Exception) -> dict[str, Any]:
         """A full queue is a 503 with Retry-After; any other error in a replica is a 500 with an id."""
