@@ -163,7 +163,9 @@ MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots; float8 codes are decoded by in
 
 
 def triton_problem(device: torch.device | str, packed: PackedWeight | None = None) -> str | None:
-    """None when quantserve's Triton kernels can run on `device` (for `packed`, when given), else why not."""
+    """None when quantserve's Triton kernels can run on `device`, else why not. Every packed format runs wherever
+    the kernels do (float8 codes are decoded by integer arithmetic below 8.9); `packed` is accepted for callers that
+    ask per weight."""
     problem = _device_problem(device)
     if problem is None and torch.device(device).type == "cuda":
         capability = torch.cuda.get_device_capability(torch.device(device))
