@@ -93,7 +93,10 @@ def _reap(processes: list[Any], timeout_s: float) -> list[int]:
     return killed
 
 
-def _shutdown(started: list[Any]) -> None:
+def _shutdown(started: list[Any], app_name: str | None = None) -> None:
+    """Drain, then stop: deleting the application first stops routing new requests to it while its replicas
+    answer what they accepted (each within the config's graceful_shutdown_timeout_s); only then do Serve's proxy
+    and Ray stop. (Stopping Serve first cut every in-flight client off at once.)"""
     import ray
     from ray import serve
 
@@ -101,6 +104,11 @@ def _shutdown(started: list[Any]) -> None:
     done = threading.Event()
 
     def stop_serve() -> None:
+        if app_name is not None:
+            try:
+                serve.delete(app_name, _blocking=True)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                print(f"quantserve serve: draining {app_name}: {exc}", file=sys.stderr)
         try:
             serve.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down regardless
@@ -161,7 +169,7 @@ def serve_locally(cfg: ServeConfig, reload: Callable[[], ServeConfig], config_pa
             print(f"quantserve serve: {exc}", file=sys.stderr)
             ok = False
     finally:
-        print("quantserve serve: stopping", flush=True)
-        _shutdown(started)
+        print("quantserve serve: stopping (answering the requests in flight first)", flush=True)
+        _shutdown(started, cfg.app_name)
         print("quantserve serve: stopped", flush=True)
     return ok

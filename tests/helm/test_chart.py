@@ -199,6 +199,22 @@ def test_pods_run_as_non_root_without_privilege_escalation():
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, (case_id, group, c["name"])
 
 
+def test_pods_drain_before_they_stop():
+    """A rolling upgrade or scale-down: preStop sleeps while the pod leaves the Service and its accepted requests
+    finish (longer than the replicas' own graceful shutdown), and the grace period outlasts the sleep."""
+    from quantserve.serve.config import ServeConfig
+
+    for case_id, values in CASES:
+        rs = one(manifests(values), "RayService")
+        serve_grace = ServeConfig.model_fields["graceful_shutdown_timeout_s"].default  # the replicas' own drain
+        for group, template in pod_templates(rs).items():
+            spec = template["spec"]
+            [container] = [c for c in spec["containers"] if c["name"].startswith("ray-")]
+            sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert sleep[0] == "sleep" and int(sleep[1]) > serve_grace, (case_id, group)
+            assert spec["terminationGracePeriodSeconds"] > int(sleep[1]), (case_id, group)
+
+
 def test_pod_templates_do_not_change_with_the_release_revision():
     # any change of rayClusterConfig makes KubeRay build a whole new Ray cluster: upgrades must not touch it by accident
     first, second = one(manifests(None, revision=1), "RayService"), one(manifests(None, revision=7), "RayService")
@@ -250,6 +266,8 @@ BAD_VALUES = [
     ({"upgradeStrategy": {"type": "Recreate"}}, helm.HelmValuesError, "/upgradeStrategy/type"),
     ({"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}}, helm.HelmValuesError, "gatewayClassName"),
     ({"gpuWorker": {"enabled": True}}, helm.HelmValuesError, "gpuWorker"),
+    ({"shutdown": {"preStopSleepSeconds": 60, "terminationGracePeriodSeconds": 30}}, helm.HelmRenderError,
+     "shutdown.terminationGracePeriodSeconds (30) must be above shutdown.preStopSleepSeconds (60)"),
 ]
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -65,7 +66,24 @@ def test_serve_starts_serves_and_stops_cleanly_on_sigint(tmp_path: Path) -> None
         names = " ".join(c.name() for c in children)
         assert "raylet" in names and "gcs_server" in names
 
+        # SIGINT with requests in flight drains: every accepted request is answered before Serve stops
+        answers: list[tuple[int, float]] = []
+
+        def send() -> None:
+            got = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=60,
+                                json={"prompt": "7", "steps": 100, "size": "64x64", "seed": 1})
+            answers.append((got.status_code, time.monotonic()))
+
+        senders = [threading.Thread(target=send) for _ in range(3)]
+        for t in senders:
+            t.start()
+        time.sleep(0.3)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGINT)
+        for t in senders:
+            t.join(90)
+        assert [status for status, _ in answers] == [200, 200, 200], answers
+        assert max(at for _, at in answers) > signalled, "a request was still in flight at the signal"
         assert proc.wait(timeout=120) == 0
         reader.join(timeout=10)
         out = "".join(lines)

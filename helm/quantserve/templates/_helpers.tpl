@@ -186,6 +186,10 @@ priorityClassName: {{ . }}
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if le (int $v.shutdown.terminationGracePeriodSeconds) (int $v.shutdown.preStopSleepSeconds) }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds (%d) must be above shutdown.preStopSleepSeconds (%d): the pod is killed at the grace period" (int $v.shutdown.terminationGracePeriodSeconds) (int $v.shutdown.preStopSleepSeconds)) }}
+{{- end }}
+terminationGracePeriodSeconds: {{ $v.shutdown.terminationGracePeriodSeconds }}
 {{- with $g.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -263,6 +267,12 @@ containers:
   {{- with $v.securityContext }}
   securityContext:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if gt (int $v.shutdown.preStopSleepSeconds) 0 }}
+  lifecycle:
+    preStop:
+      exec:
+        command: ["sleep", "{{ $v.shutdown.preStopSleepSeconds }}"]
   {{- end }}
   volumeMounts:
     {{- include "quantserve.volumeMounts" . | trim | nindent 2 }}
