@@ -281,6 +281,8 @@ class LimitsConfig(_Strict):
     max_user_chars: int = Field(128, ge=1, le=10_000)
     max_body_bytes: int = Field(16_384, ge=256, le=10_000_000)
     max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576, description="all request headers together (431 beyond)")
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="the most time a client may take to send its body "
+                                                                 "(408 beyond): a stalled upload frees its slot")
     max_headers: int = Field(100, ge=8, le=10_000, description="request headers (431 beyond)")
 
     @model_validator(mode="after")

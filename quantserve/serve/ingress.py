@@ -89,17 +89,27 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                         headers={VARIANT_HEADER: NO_VARIANT})
 
 
-async def read_bounded(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) to read more than `limit` bytes."""
+async def read_bounded(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refusing (413) to read more than `limit` bytes, or (408) to wait more than `timeout_s` for
+    it: a client that stalls its upload must not hold one of the Ingress's slots for ever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"body: {declared} bytes is over the limit of {limit}", "body", "body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body: over the limit of {limit} bytes", "body", "body_too_large")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body: over the limit of {limit} bytes", "body", "body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"body: not received within {timeout_s:g} s (limits.body_timeout_s)", "body",
+                           "body_timeout") from None
     return b"".join(chunks)
 
 
@@ -144,10 +154,11 @@ class Ingress:
     async def generations(self, request: Request) -> Response:
         path = "/v1/images/generations"
         try:
-            body = await read_bounded(request, self.limits.max_body_bytes)
+            body = await read_bounded(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
             req = parse_body(body, self.limits, self.extra_fields)
         except RequestError as exc:
-            return self._error(path, exc.status, str(exc), exc.param, exc.code)
+            close = {"Connection": "close"} if exc.status == 408 else None  # a stalled client's connection ends here
+            return self._error(path, exc.status, str(exc), exc.param, exc.code, headers=close)
         job = to_job(req, self.limits)
         headers = dict([(k.lower(), v[:256]) for k, v in request.headers.items()
                         if k.lower() not in PRIVATE_HEADERS][:MAX_FORWARDED_HEADERS])  # for a header sticky key
