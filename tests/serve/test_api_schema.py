@@ -119,3 +119,39 @@ def test_size_is_matched_whole_in_ascii_digits(size: str) -> None:
     with pytest.raises(RequestError) as info:
         parse_body(body(size=size), LIMITS)
     assert info.value.status == 422 and info.value.param == "size"
+
+
+# --- fuzzed bodies (issue 12): any client mistake is a RequestError with a 4xx, never another exception -----------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=12), inner, max_size=4), max_leaves=20)
+_fields = st.sampled_from(["prompt", "negative_prompt", "model", "n", "size", "steps", "guidance", "seed",
+                           "response_format", "output_format", "stream", "partial_images", "user",
+                           "max_sequence_length", "x"])
+
+
+def _parse_or_client_error(raw: bytes) -> None:
+    try:
+        req = parse_body(raw, LIMITS, {"max_sequence_length"})
+    except RequestError as exc:
+        assert 400 <= exc.status < 500, (exc.status, str(exc))
+        assert exc.param, str(exc)
+        return
+    job = to_job(req, LIMITS)  # an accepted body always makes a job
+    assert 0 <= job["seed"] <= 2**31 - 1 and 1 <= job["n"] <= LIMITS.max_n
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_fields, _json, max_size=8))
+def test_fuzzed_objects_are_parsed_or_refused_with_a_4xx(fields: dict) -> None:
+    _parse_or_client_error(json.dumps(fields).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_fuzzed_bytes_are_parsed_or_refused_with_a_4xx(raw: bytes) -> None:
+    _parse_or_client_error(raw)
