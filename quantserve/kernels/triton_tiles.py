@@ -40,20 +40,18 @@ def tile_bnb4(codes_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_ma
     nested_map_ptr (256) scaled per nested_blocksize blocks by nested_absmax_ptr, plus offset, when NESTED;
     quant_map_ptr the 16 code values; ROW_BLOCKS: K is a multiple of BLOCKSIZE (absmax loaded per block)."""
     BLOCK_K: tl.constexpr = rk.shape[1]
-    f = rn * K + rk
-    if ROW_BLOCKS:  # K is even: each row's codes are whole bytes
+    if ROW_BLOCKS:  # K is a multiple of the block (so even): each row holds whole bytes and whole blocks
         code = nibbles(codes_ptr, rn * (K // 2), k0, K, rn < N, True, BLOCK_K)
-    else:
-        byte = u8_at(codes_ptr + (f >> 1), mask)
-        code = tl.where((f & 1) == 0, byte >> 4, byte & 15)
-    value = lookup16(quant_map_ptr, code)
-    if ROW_BLOCKS:
         g, inside = group_cols(k0, K, BLOCKSIZE, BLOCK_K)
         block = rn * (K // BLOCKSIZE) + g
         at = (rn < N) & inside
     else:
+        f = rn * K + rk
+        byte = u8_at(codes_ptr + (f >> 1), mask)
+        code = tl.where((f & 1) == 0, byte >> 4, byte & 15)
         block = f // BLOCKSIZE
         at = mask
+    value = lookup16(quant_map_ptr, code)
     if NESTED:
         qabs = u8_at(absmax_ptr + block, at)
         absmax = (tl.load(nested_map_ptr + qabs, mask=at, other=0.0)
