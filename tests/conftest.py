@@ -11,3 +11,11 @@ import tempfile
 
 # the autotune cache of a test run never lands in the user's cache directory
 os.environ.setdefault("QUANTSERVE_CACHE_DIR", tempfile.mkdtemp(prefix="quantserve-test-cache-"))
+
+# Fuzz tests draw the same examples on every run (a CI failure can be replayed, and a green run stays green);
+# HYPOTHESIS_PROFILE=explore draws fresh examples for a developer hunting new failures.
+from hypothesis import settings as _hypothesis_settings
+
+_hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("explore", derandomize=False)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))

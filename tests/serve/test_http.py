@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -352,7 +353,7 @@ def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningA
 
 # --- fuzzed bodies on the real server (issue 12): no client mistake is ever a 5xx ---------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
@@ -364,9 +365,13 @@ _value = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=3) | st.dict
 @given(fields=st.dictionaries(st.sampled_from(["prompt", "n", "size", "steps", "seed", "guidance", "stream", "user",
                                                "response_format", "model"]), _value, max_size=6),
        junk=_value)
+@example(fields={}, junk=float("inf"))  # the case CI drew at 308acdc: a body holding Infinity (not strict JSON)
+@example(fields={"seed": float("-inf"), "steps": float("nan")}, junk=None)
 def test_fuzzed_mistakes_are_4xx_on_the_real_server(app: RunningApp, fields: dict, junk: object) -> None:
     """Every generated body carries one field no family takes (so the Ingress refuses it before any generation)
     and random values elsewhere: the answer is a 4xx in the API's error shape, never a 5xx."""
-    r = requests.post(f"{app.url}/v1/images/generations", json={**fields, "not_a_field": junk}, timeout=60)
+    # json.dumps, not requests' json=: requests refuses Infinity, and a client that sends it must get a 4xx too
+    r = requests.post(f"{app.url}/v1/images/generations", data=json.dumps({**fields, "not_a_field": junk}),
+                      headers={"Content-Type": "application/json"}, timeout=60)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert r.json()["error"]["type"] == "invalid_request_error"
