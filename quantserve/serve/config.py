@@ -144,7 +144,6 @@ class VariantConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     gemm_sample_every: int = Field(20, ge=0, le=1_000_000, description="time the layers' GEMMs every N batches (0: never)")
     health_check_period_s: float = Field(10.0, gt=0, le=3600)
-    fail_on_seed: int | None = Field(None, description="chaos/test hook: a request with this seed fails inside the replica")
 
     @field_validator("model")
     @classmethod

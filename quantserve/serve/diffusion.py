@@ -36,7 +36,7 @@ class Diffusion:
         field = f"variants.{index}.model" if index is not None else f"variants[{self.config.name}].model"
         self.loaded = load_variant(self.config, ResolvedLimits.from_dict(limits) if limits else None, field)
         self.probe = GemmProbe(self.loaded.engine.modules, self.config.gemm_sample_every)
-        self.generator = BatchGenerator(self.loaded, self.config.fail_on_seed, self.probe)
+        self.generator = BatchGenerator(self.loaded, self.probe)
         self.generator.health()  # fail the start, not the first request, when the model cannot compute
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()

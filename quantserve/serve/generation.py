@@ -144,9 +144,9 @@ class BatchGenerator:
     """Generates batches of jobs on one loaded variant; every job gets its own outcome, never a shared failure
     unless the pipeline call it ran in failed. One pipeline call runs at a time (a lock: batches and streams)."""
 
-    def __init__(self, loaded: LoadedVariant, fail_on_seed: int | None = None, probe: GemmProbe | None = None):
+    def __init__(self, loaded: LoadedVariant, probe: GemmProbe | None = None):
         self.loaded, self.engine = loaded, loaded.engine
-        self.fail_on_seed, self.probe = fail_on_seed, probe
+        self.probe = probe
         self._lock = threading.Lock()
 
     def prepare(self, job: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,10 +154,6 @@ class BatchGenerator:
         if not isinstance(job, Mapping):
             raise ClientError("body", f"expected a job mapping, got {type(job).__name__}")
         return self.engine.normalize(job)
-
-    def _check_chaos(self, job: Mapping[str, Any]) -> None:
-        if self.fail_on_seed is not None and job["seed"] == self.fail_on_seed:
-            raise RuntimeError(f"injected failure: seed {job['seed']} is this variant's fail_on_seed")
 
     def run(self, jobs: Sequence[Mapping[str, Any]], on_step: StepCallback | None = None
             ) -> tuple[list[dict[str, Any]], BatchStats]:
@@ -171,7 +167,6 @@ class BatchGenerator:
         for i, job in enumerate(jobs):
             try:
                 normal = self.prepare(job)
-                self._check_chaos(normal)
             except ClientError as exc:
                 outcomes[i] = client_outcome(exc)
                 continue

@@ -16,7 +16,7 @@ from PIL import Image
 # Another digits-format model directory to serve instead of the embedded one (None: the embedded model).
 MODEL_DIR = os.environ.get("QUANTSERVE_SERVE_TEST_MODEL") or None
 APP_NAME = "quantserve-test"
-FAIL_SEED = 13  # the "tight" variant fails requests with this seed (its fail_on_seed)
+FAIL_SEED = 13  # the "tight" variant's test-only pipeline fails requests with this seed
 T2I_APP_NAME = "quantserve-t2i"
 T2I_PREFIX = "/t2i"
 T2I_QUANTIZATION = {"transformer": "nf4", "text_encoder_2": "int8wo"}
@@ -60,9 +60,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_faulty_dir: str | None = None
+
+
+def faulty_model_dir() -> str:
+    """The test model as a test-only pipeline that fails jobs with FAIL_SEED (quantserve.testing.faults), written
+    once per process into a temporary directory."""
+    global _faulty_dir
+    if _faulty_dir is None:
+        import tempfile
+
+        from quantserve.testing.faults import write_faulty_model
+
+        _faulty_dir = str(write_faulty_model(Path(tempfile.mkdtemp(prefix="quantserve-faulty-")) / "model", FAIL_SEED,
+                                             MODEL_DIR))
+    return _faulty_dir
+
+
 def make_test_config(port: int, **experiment: Any) -> dict[str, Any]:
     """Three variants on the test's model: bf16 and nf4 split 50/50, and 'tight' (weight 0) with a queue of one
-    and a fail_on_seed, for the 503 and 500 tests. Replicas reserve no CPU: on 2 cores, 1 CPU each would never fit."""
+    on the test-only pipeline that fails FAIL_SEED, for the 503 and 500 tests. Replicas reserve no CPU: on 2 cores,
+    1 CPU each would never fit."""
     common = {"model": MODEL_DIR, "resources": {"num_cpus": 0, "torch_threads": 1}}
     exp = {"weights": {"bf16": 0.5, "nf4": 0.5}, "salt": "test-salt", "sticky_key": "user"}
     exp.update(experiment)
@@ -72,7 +90,7 @@ def make_test_config(port: int, **experiment: Any) -> dict[str, Any]:
             {"name": "bf16", "quantization": "bf16", "gemm_sample_every": 1, **common},
             {"name": "nf4", "quantization": "nf4", "gemm_sample_every": 1, **common},
             {"name": "tight", "quantization": "bf16", "max_ongoing_requests": 1, "max_queued_requests": 1,
-             "fail_on_seed": FAIL_SEED, "gemm_sample_every": 0, **common},
+             "gemm_sample_every": 0, **common, "model": faulty_model_dir()},
         ],
         "experiment": exp,
         "http": {"host": "127.0.0.1", "port": port},
