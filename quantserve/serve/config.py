@@ -283,6 +283,9 @@ class LimitsConfig(_Strict):
     body_timeout_s: float = Field(10.0, gt=0, le=600, description="the most time a client may take to send its body "
                                                                  "(408 beyond): a stalled upload frees its slot")
     max_headers: int = Field(100, ge=8, le=10_000, description="request headers (431 beyond)")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="the most time a client may take to send its "
+                                                                   "request line and headers (408 beyond; Serve's "
+                                                                   "proxy, set at start)")
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitsConfig:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ConfigError, ServeConfig
+from .proxy_guard import guarded_proxy
 
 SHUTDOWN_GRACE_S = 30.0
 REAP_TIMEOUT_S = 20.0
@@ -148,7 +149,8 @@ def serve_locally(cfg: ServeConfig, reload: Callable[[], ServeConfig], config_pa
                                    "_metrics_export_port": cfg.metrics.port}
     if num_cpus is not None:
         init_kwargs["num_cpus"] = num_cpus
-    ray.init(**init_kwargs)
+    with guarded_proxy(cfg.limits):  # Serve's proxy: header timeout and bounds (serve/proxy_guard.py)
+        ray.init(**init_kwargs)
     signals.install()  # ray.init sets its own SIGTERM handler; ours stops cleanly instead
     started = _process_tree()
     ok = True

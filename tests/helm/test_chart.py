@@ -215,6 +215,22 @@ def test_pods_drain_before_they_stop():
             assert spec["terminationGracePeriodSeconds"] > int(sleep[1]), (case_id, group)
 
 
+def test_serve_proxy_gets_the_header_guard_with_the_configs_limits():
+    """Every Ray container (each runs a Serve proxy) names the proxy guard and hands it the serve config's header
+    limits; the guard reads them as the config would."""
+    from quantserve.serve.proxy_guard import CALLBACK, HeaderGuard, guard_from_environment
+
+    for values, expected in ((None, HeaderGuard()),
+                             (merged(None, **{"serve.limits": {"header_timeout_s": 4, "max_header_bytes": 8192,
+                                                               "max_steps": 50}}), HeaderGuard(4.0, 8192, 100))):
+        rs = one(manifests(values), "RayService")
+        for group, template in pod_templates(rs).items():
+            [ray] = [c for c in template["spec"]["containers"] if c["name"].startswith("ray-")]
+            env = {e["name"]: e["value"] for e in ray["env"] if "value" in e}
+            assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == CALLBACK, group
+            assert guard_from_environment(env) == expected, (group, env["QUANTSERVE_PROXY_LIMITS"])
+
+
 def test_pod_templates_do_not_change_with_the_release_revision():
     # any change of rayClusterConfig makes KubeRay build a whole new Ray cluster: upgrades must not touch it by accident
     first, second = one(manifests(None, revision=1), "RayService"), one(manifests(None, revision=7), "RayService")

@@ -56,9 +56,13 @@ def ray_cluster() -> Iterator[dict[str, int]]:
     import ray
     from ray import serve
 
+    from quantserve.serve.config import parse_config
+    from quantserve.serve.proxy_guard import guarded_proxy
+
     metrics_port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
-             _metrics_export_port=metrics_port)  # replica logs stay in Ray's session logs, out of pytest's output
+    with guarded_proxy(parse_config(make_test_config(8000)).limits):  # as `quantserve serve` starts Ray
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
+                 _metrics_export_port=metrics_port)  # replica logs stay in Ray's session logs, out of pytest's output
     try:
         yield {"metrics_port": metrics_port}
     finally:

@@ -94,7 +94,7 @@ def make_test_config(port: int, **experiment: Any) -> dict[str, Any]:
         ],
         "experiment": exp,
         "http": {"host": "127.0.0.1", "port": port},
-        "limits": {"max_steps": 200, "max_n": 4},
+        "limits": {"max_steps": 200, "max_n": 4, "header_timeout_s": 3},
         "retry_after_s": 2,
         "request_timeout_s": 60,
     }

@@ -249,6 +249,12 @@ containers:
   env:
   - name: QUANTSERVE_CACHE_DIR
     value: {{ $v.cache.mountPath | quote }}
+  {{- /* Serve's proxy installs quantserve's header timeout and bounds (serve/proxy_guard.py), with the serve
+         config's limits; the figures left out take the config's defaults */}}
+  - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+    value: quantserve.serve.proxy_guard:install
+  - name: QUANTSERVE_PROXY_LIMITS
+    value: {{ pick ($v.serve.limits | default dict) "header_timeout_s" "max_header_bytes" "max_headers" | toJson | quote }}
   {{- with $v.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
