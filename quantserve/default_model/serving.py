@@ -134,6 +134,15 @@ class DigitsFamily(PipelineFamily):
             raise ConfigError(f"{field_prefix}.quantization: the digits model has one weight component, its "
                               "transformer: give a scheme, a quantization_config block or {transformer: ...}")
 
+    def check_prompt(self, prompt: str) -> str | None:
+        from .pipeline import parse_prompts
+
+        try:
+            parse_prompts([prompt])
+        except ValueError as exc:
+            return str(exc).removeprefix("prompt ")
+        return None
+
     def load(self, source: ModelSource, config: VariantConfig, limits: ResolvedLimits, device: str) -> ServedPipeline:
         from diffusers import DDIMScheduler
 

@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from .config import ConfigError, ServeConfig, default_config, load_config, parse_config
 from .diffusion import Diffusion
+from .families import resolve
 from .ingress import Ingress
 from .router import ABRouter
 
@@ -65,7 +66,8 @@ def build_application(cfg: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s, cfg.auth.ingress_args())
+    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s, cfg.auth.ingress_args(),
+           sorted({resolve(v.model, f"variants.{i}.model")[0].name for i, v in enumerate(cfg.variants)}))
 
 
 def build_app(args: dict) -> Application:

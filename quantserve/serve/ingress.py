@@ -13,7 +13,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ from .ab import FORCE_HEADER
 from .api_schema import RequestError, error_body, parse_body, to_job
 from .auth import OPEN_PATHS, ApiKeys
 from .config import LimitsConfig
-from .families import known_extra_fields
+from .families import families, known_extra_fields
 from .generation import new_error_id
 from .metrics import IngressMetrics
 
@@ -128,7 +128,7 @@ class Ingress:
     """Validates requests, hands them to the ABRouter, and shapes the answers."""
 
     def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0,
-                 auth: dict[str, Any] | None = None):
+                 auth: dict[str, Any] | None = None, variant_families: Sequence[str] = ()):
         auth = auth or {}
         keys = app.state.api_keys = ApiKeys.load(auth.get("digests", ()), auth.get("file"))
         logger.info("API keys: %s", f"{len(keys)} accepted" if keys.enabled else "none (the API is open)")
@@ -138,6 +138,8 @@ class Ingress:
         self.router = router
         self.limits = app.state.limits = LimitsConfig.model_validate(limits)
         self.extra_fields = known_extra_fields()
+        registry = families()  # the variants' families judge prompts here when they can do so without a model
+        self.prompt_judges = [registry[name] for name in variant_families if name in registry]
         self.request_timeout_s = request_timeout_s
         self.metrics = IngressMetrics()
 
@@ -160,6 +162,9 @@ class Ingress:
             close = {"Connection": "close"} if exc.status == 408 else None  # a stalled client's connection ends here
             return self._error(path, exc.status, str(exc), exc.param, exc.code, headers=close)
         job = to_job(req, self.limits)
+        refusal = self._prompt_refusal(job["prompt"])
+        if refusal is not None:
+            return self._error(path, 422, f"prompt: {refusal}", "prompt")
         headers = dict([(k.lower(), v[:256]) for k, v in request.headers.items()
                         if k.lower() not in PRIVATE_HEADERS][:MAX_FORWARDED_HEADERS])  # for a header sticky key
         forced = request.headers.get(FORCE_HEADER)
@@ -176,6 +181,14 @@ class Ingress:
         except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
             return self._internal_error(path, "the router")
         return self._answer(path, req, job, outcome)
+
+    def _prompt_refusal(self, prompt: str) -> str | None:
+        """The first variant family's reason when every variant's family refuses the prompt; else None (a variant
+        may take it: its replica judges)."""
+        if not self.prompt_judges:
+            return None
+        reasons = [judge.check_prompt(prompt) for judge in self.prompt_judges]
+        return reasons[0] if all(r is not None for r in reasons) else None
 
     def _refused(self, path: str, outcome: dict[str, Any]) -> JSONResponse:
         """The error response for an outcome whose status is not 200."""

@@ -216,6 +216,11 @@ class PipelineFamily(ABC):
         """Refuse, naming the config field, what is wrong before loading (e.g. quantization of a missing component).
         `field_prefix` is e.g. `variants.1`."""
 
+    def check_prompt(self, prompt: str) -> str | None:
+        """Why no pipeline of this family can take `prompt`, judged without a model (the Ingress asks, so that a bad
+        prompt is a 422 at once, not a place in a queue); None: it may be fine, the replica judges."""
+        return None
+
     @abstractmethod
     def load(self, source: ModelSource, config: VariantConfig, limits: ResolvedLimits, device: str) -> ServedPipeline:
         """Load the variant (quantized as its config says) on `device`."""

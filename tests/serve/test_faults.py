@@ -41,3 +41,15 @@ def test_production_config_has_no_fault_hook() -> None:
         parse_config(config)
     schema = json.loads((Path(__file__).parents[2] / "helm/quantserve/values.schema.json").read_text())
     assert "fail_on_seed" not in json.dumps(schema)
+
+
+def test_families_judge_prompts_without_a_model() -> None:
+    """The Ingress asks each variant's family; only the digits family can tell without loading anything."""
+    from quantserve.serve.families import families
+
+    registry = families()
+    digits, t2i = registry["digits"], registry["text-to-image"]
+    assert digits.check_prompt("7") is None and digits.check_prompt("seven") is None
+    assert "a cat" in digits.check_prompt("a cat")
+    assert registry["faulty-digits"].check_prompt("a cat") == digits.check_prompt("a cat")
+    assert t2i.check_prompt("a cat") is None and t2i.check_prompt("7") is None

@@ -202,12 +202,18 @@ def test_full_queue_gives_503_with_retry_after_and_recovers(app: RunningApp) -> 
     """'tight' runs one request and queues one: the rest of a burst must be turned away at once, not hang.
     (60 steps keep the replica busy while the burst arrives, yet end well inside the 60 s request timeout on a
     loaded 2-core machine.)"""
-    def call(_: int) -> requests.Response:
+    def call(i: int) -> requests.Response:
+        if i == 8:  # a prompt no variant's family takes: refused in the Ingress (422), never a queue's 503
+            time.sleep(1.0)
+            return app.post({"prompt": "a cat", "steps": 60}, headers={FORCE: "tight"})
         return app.post({"prompt": "4", "n": 4, "steps": 60}, headers={FORCE: "tight"})
 
     start = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(call, range(8)))
+    with ThreadPoolExecutor(9) as pool:
+        *responses, bad_prompt = list(pool.map(call, range(9)))
+    assert bad_prompt.status_code == 422, bad_prompt.text
+    assert bad_prompt.json()["error"]["param"] == "prompt" and "a cat" in bad_prompt.json()["error"]["message"]
+    assert bad_prompt.headers[VARIANT] == "none"  # answered before any variant was chosen
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
