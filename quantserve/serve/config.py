@@ -73,7 +73,9 @@ class BatchingConfig(_Strict):
     """@serve.batch of compatible requests (same steps and guidance), counted in images."""
 
     max_batch_images: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description=(
+        "how long a batch's first request waits for others; 0: none (requests that arrive while a batch runs form "
+        "the next one, so batches still fill under load and an idle replica answers at once)"))
 
 
 def parse_size_text(text: str) -> tuple[int, int]:

@@ -74,6 +74,9 @@ class Diffusion:
             outcome = await self._batched(normal)
         except Exception as exc:  # noqa: BLE001 - e.g. @serve.batch rejecting an oversized job
             outcome = error_outcome(exc, f"variant {self.config.name}")
+        timing = outcome.setdefault("timing", {})
+        timing["replica"] = (time.perf_counter() - arrived) * 1000
+        timing["queue"] = max(0.0, timing["replica"] - timing.get("generate", 0.0) - timing.get("encode", 0.0))
         return self._finish(outcome, arrived)
 
     async def generate_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -122,10 +125,13 @@ class Diffusion:
             outcome = error_outcome(exc, f"variant {self.config.name}")
         yield {"event": "done", **self._finish(outcome, arrived)}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_batch_images)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         outcomes, stats = await asyncio.to_thread(self.generator.run, jobs)
         self._record(jobs, outcomes, stats)
+        timing = {"generate": (stats.seconds - stats.encode_seconds) * 1000, "encode": stats.encode_seconds * 1000}
+        for outcome in outcomes:  # the batch's times, for the Server-Timing header of each of its requests
+            outcome["timing"] = dict(timing)
         return outcomes
 
     def _record(self, jobs: list[dict[str, Any]], outcomes: list[dict[str, Any]], stats: BatchStats) -> None:

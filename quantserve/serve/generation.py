@@ -138,6 +138,7 @@ class BatchStats:
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     gemm: dict[tuple[str, str], GemmSample] = field(default_factory=dict)
+    encode_seconds: float = 0.0  # PNG encoding, part of `seconds`
 
 
 class BatchGenerator:
@@ -179,11 +180,13 @@ class BatchGenerator:
             group = [job for _, job in members]
             try:
                 results = self._run_group(group, stats, sampling, on_step)
+                encode_start = time.perf_counter()
                 for (i, job), result in zip(members, results, strict=True):
                     outcomes[i] = {"status": 200, "images": [encode_png(im) for im in result.images],
                                    "seed": job["seed"], "steps": job["steps"], "guidance": job["guidance"],
                                    "size": job["size"], **result.meta}
                     stats.images += job["n"]
+                stats.encode_seconds += time.perf_counter() - encode_start
             except GenerationCancelled as exc:  # the requester is gone: nothing to log, nobody to answer
                 failed = {"status": 499, "code": "cancelled", "message": f"cancelled: {exc}"}
                 for i, _ in members:

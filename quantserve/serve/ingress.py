@@ -117,6 +117,28 @@ async def _awaited(response: Any) -> Any:
     return await response
 
 
+def server_timing(timing: dict[str, float], arrived: float) -> str:
+    """The Server-Timing header of a generation: each stage's milliseconds, nested durations made exclusive.
+    total: the Ingress's whole handling; ingress: its own part (parse, encode the answer); hop-router and
+    hop-replica: Ray's calls between the deployments; router: assignment; queue: waiting for a batch; generate and
+    encode: the pipeline call and PNG encoding (a batch's, shared by its requests)."""
+    total = (time.perf_counter() - arrived) * 1000
+    t = {k: float(v) for k, v in timing.items()}
+    stages = {"total": total}
+    if "ingress_call" in t:
+        stages["ingress"] = total - t["ingress_call"]
+        if "router" in t:
+            stages["hop-router"] = t["ingress_call"] - t["router"]
+    if "router" in t and "router_call" in t:
+        stages["router"] = t["router"] - t["router_call"]
+        if "replica" in t:
+            stages["hop-replica"] = t["router_call"] - t["replica"]
+    for name in ("queue", "generate", "encode"):
+        if name in t:
+            stages[name] = t[name]
+    return ", ".join(f"{name};dur={max(0.0, ms):.2f}" for name, ms in stages.items())
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One server-sent event: its type on the `event:` line, the JSON on one `data:` line."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
@@ -155,6 +177,7 @@ class Ingress:
     @app.post("/v1/images/generations")
     async def generations(self, request: Request) -> Response:
         path = "/v1/images/generations"
+        request.state.arrived = time.perf_counter()
         try:
             body = await read_bounded(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
             req = parse_body(body, self.limits, self.extra_fields)
@@ -172,15 +195,20 @@ class Ingress:
             stream = self.router.options(stream=True).generate_stream.remote(
                 job, model=req.model, forced=forced, user=req.user, headers=headers)
             return await self._stream(path, job, stream)
+        calling = time.perf_counter()
         response = self.router.generate.remote(job, model=req.model, forced=forced, user=req.user, headers=headers)
         try:
             outcome = await asyncio.wait_for(_awaited(response), self.request_timeout_s)
+            outcome.setdefault("timing", {})["ingress_call"] = (time.perf_counter() - calling) * 1000
         except asyncio.TimeoutError:
             response.cancel()
             return self._error(path, 504, f"no answer within {self.request_timeout_s} s", code="timeout")
         except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
             return self._internal_error(path, "the router")
-        return self._answer(path, req, job, outcome)
+        response = self._answer(path, req, job, outcome)
+        if "timing" in outcome:
+            response.headers["Server-Timing"] = server_timing(outcome["timing"], request.state.arrived)
+        return response
 
     def _prompt_refusal(self, prompt: str) -> str | None:
         """The first variant family's reason when every variant's family refuses the prompt; else None (a variant

@@ -78,6 +78,7 @@ class ABRouter:
     async def generate(self, job: dict[str, Any], model: str | None = None, forced: str | None = None,
                        user: str | None = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Assign, generate, maybe shadow; always returns an outcome dict with a status (never raises)."""
+        arrived = time.perf_counter()
         splitter = self.splitter  # one experiment for the whole request, even if reconfigured meanwhile
         try:
             assignment = splitter.assign(requested=model, forced=forced, sticky_id=splitter.sticky_id(user, headers))
@@ -86,7 +87,11 @@ class ABRouter:
             return {"status": 404, "param": param, "message": str(exc), "code": "model_not_found"}
         self.metrics.assigned(assignment.variant, assignment.reason)
         self.counts[assignment.variant][assignment.reason] += 1
+        calling = time.perf_counter()
         outcome = await self._call(assignment.variant, job)
+        timing = outcome.setdefault("timing", {})
+        timing["router_call"] = (time.perf_counter() - calling) * 1000
+        timing["router"] = (time.perf_counter() - arrived) * 1000
         outcome["variant"] = assignment.variant
         outcome["assignment"] = assignment.reason
         if outcome["status"] == 200 and (shadow := splitter.shadow_for(assignment)) is not None:
