@@ -1,11 +1,18 @@
-"""quantserve's native CPU kernels for every packed format: dequantize, and a fused dequantize-GEMV.
+"""quantserve's native CPU kernels for every packed format: dequantize, a fused dequantize-GEMV and a fused
+dequantize-GEMM.
 
-The C library (kernels/csrc, built for this CPU on first use by kernels/cpu_build.py) decodes one weight row at a
-time into float32 with exactly the torch reference's values, then either
-- multiplies it with every activation row while it is still in the L1/L2 cache (`linear` for M <= GEMV_MAX_M: a
-  weight-bandwidth-bound GEMV that reads each packed byte once, never materializing the dense weight), or
+The C library (kernels/csrc, built for this CPU on first use by kernels/cpu_build.py) decodes the packed weight
+with exactly the torch reference's values, then either
+- multiplies each row with every activation row while it is still in the L1/L2 cache (path "gemv", `linear`'s
+  choice for M <= GEMV_MAX_M: a weight-bandwidth-bound GEMV that reads each packed byte once per activation row),
+- decodes a panel of rows once, a chunk of K at a time, into an L1/L2-sized bf16 buffer and multiplies it against all
+  activation rows with AMX tiles, AVX512-BF16 dot products or portable float32 code (path "gemm", csrc/qs_gemm.c;
+  `linear`'s choice for bf16 activations with GEMV_MAX_M < M <= GEMM_MAX_M where AMX or AVX512-BF16 runs), or
 - writes a slab of rows in the activation dtype into a small reused buffer that torch's GEMM (oneDNN/MKL) consumes
-  while it is cache-hot (`linear` for larger M: the dense weight never exists whole).
+  while it is cache-hot (path "slab", `linear`'s choice for larger M: the dense weight never exists whole).
+
+The GEMM's matmul is the best this CPU and process can run; `$QUANTSERVE_CPU_GEMM` (amx, avx512bf16, portable)
+forces one, e.g. to test the fallbacks on a machine that has AMX (`gemm_path()` says which runs).
 
 A packed weight is described to C by a `qs_weight` struct (kernels/cpu_abi.py, the ctypes mirror of csrc/qs_cpu.h)
 that points into its tensors (no copy); the struct is built once per (frozen) packed object and cached on it. Each
@@ -15,12 +22,17 @@ format's builder is registered as its `cpu` entry in kernels/format_ops.py.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
 from . import cpu_build
 from .cpu_abi import (
     BF16,
+    GEMM_AMX,
+    GEMM_AUTO,
+    GEMM_DPBF16,
+    GEMM_PORTABLE,
     F16,
     F32,
     FMT_BNB4,
@@ -52,7 +64,11 @@ from .formats import (
     QuantoGrouped,
 )
 
-GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, slab dequantize + torch GEMM
+GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, the GEMM or slabs
+GEMM_MAX_M = 64          # bf16 activation rows up to which "auto" runs the fused GEMM (AMX / AVX512-BF16); above, slabs
+GEMM_LIMIT_M = 256       # the most rows qs_gemm takes in one call ("gemm" splits larger inputs)
+GEMM_ENV = "QUANTSERVE_CPU_GEMM"
+GEMM_PATHS = {"auto": GEMM_AUTO, "amx": GEMM_AMX, "avx512bf16": GEMM_DPBF16, "portable": GEMM_PORTABLE}
 SLAB_BYTES = 4 << 20     # bytes of one dequantized slab (L2 to L3 sized: fewer slabs, each still cache-hot)
 
 _DTYPES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8, torch.uint8: U8,
@@ -234,12 +250,44 @@ def _dequantize_rows(desc: Descriptor, n0: int, n1: int, out: torch.Tensor) -> N
         raise RuntimeError(f"cpu kernels: dequantizing rows {n0}..{n1} of a {desc.shape} weight failed")
 
 
-PATHS = ("auto", "gemv", "slab")
+PATHS = ("auto", "gemv", "gemm", "slab")
+
+
+def gemm_available(name: str) -> bool:
+    """Whether this build and process can run the GEMM's matmul path `name` (a key of GEMM_PATHS)."""
+    if name not in GEMM_PATHS:
+        raise ValueError(f"gemm path: {name!r}; accepted: {', '.join(map(repr, GEMM_PATHS))}")
+    return cpu_build.library().qs_gemm_available(GEMM_PATHS[name]) == 0
+
+
+def gemm_path(dtype: torch.dtype = torch.bfloat16) -> str:
+    """The matmul path the GEMM runs for activations of `dtype`: `$QUANTSERVE_CPU_GEMM` when set (a bf16 path, amx
+    or avx512bf16, takes bf16 activations only: others run the portable path), else the best available ("amx",
+    "avx512bf16", or "portable", which is also the path of float32 and float16 activations)."""
+    forced = os.environ.get(GEMM_ENV, "").strip().lower() or "auto"
+    if forced not in GEMM_PATHS:
+        raise ValueError(f"${GEMM_ENV}: {forced!r}; accepted: {', '.join(map(repr, GEMM_PATHS))}")
+    if forced != "auto":
+        if not gemm_available(forced):
+            raise CpuKernelsUnavailable(f"${GEMM_ENV}={forced}: this CPU or build cannot run that GEMM path")
+        return forced if dtype == torch.bfloat16 or forced == "portable" else "portable"
+    best = cpu_build.library().qs_gemm_best_path(_DTYPES.get(dtype, F32))
+    return next(name for name, value in GEMM_PATHS.items() if value == best)
+
+
+GEMM_DECODERS = ("generic", "4-bit table", "int8 rows", "float8", "gguf Q4_0", "gguf Q8_0", "gguf Q4_K")
+
+
+def gemm_decoder(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which decoder the GEMM uses for `packed` with activations of `dtype`: "generic" (whole rows through the
+    dequantizer's row decoders, then bf16 or float32) or the name of a direct bf16 chunk decoder."""
+    return GEMM_DECODERS[cpu_build.library().qs_gemm_decoder(descriptor(packed).ref, GEMM_PATHS[gemm_path(dtype)])]
 
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
-    """y = x @ dequant(W).T + bias in x's dtype. path "gemv": the fused GEMV; "slab": slab dequantize plus torch's
-    GEMM; "auto": the GEMV for M <= GEMV_MAX_M rows, else slabs."""
+    """y = x @ dequant(W).T + bias in x's dtype. path "gemv": the fused GEMV; "gemm": the fused GEMM (`gemm_path`);
+    "slab": slab dequantize plus torch's GEMM; "auto": the GEMV for M <= GEMV_MAX_M rows, the GEMM for bf16
+    activations up to GEMM_MAX_M rows where it runs on AMX or AVX512-BF16, else slabs."""
     if path not in PATHS:
         raise ValueError(f"path: {path!r}; accepted: {', '.join(map(repr, PATHS))}")
     desc = descriptor(packed)
@@ -251,11 +299,37 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
+    if path == "auto":
+        if m <= GEMV_MAX_M:
+            path = "gemv"
+        elif m <= GEMM_MAX_M and x2.dtype == torch.bfloat16 and gemm_path(x2.dtype) != "portable":
+            path = "gemm"
+        else:
+            path = "slab"
+    if path == "gemv":
         y = _gemv(desc, x2, bias)
+    elif path == "gemm":
+        y = _gemm(desc, x2, bias)
     else:
         y = _slab_matmul(desc, x2, bias)
     return y.reshape(*lead, n)
+
+
+def _gemm(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, _ = desc.shape
+    chosen = gemm_path(x2.dtype)
+    dtype = x2.dtype if x2.dtype in _OUT_DTYPES else torch.float32
+    xc = x2.to(torch.bfloat16 if chosen != "portable" else dtype).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=dtype)
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    lib = cpu_build.library()
+    for r0 in range(0, x2.shape[0], GEMM_LIMIT_M):
+        part, out = xc[r0:r0 + GEMM_LIMIT_M], y[r0:r0 + GEMM_LIMIT_M]
+        rc = lib.qs_gemm(desc.ref, part.data_ptr(), _DTYPES[xc.dtype], part.shape[0], out.data_ptr(),
+                         _DTYPES[dtype], None if bf is None else bf.data_ptr(), GEMM_PATHS[chosen])
+        if rc != 0:
+            raise RuntimeError(f"cpu kernels: the GEMM ({chosen}) of a {desc.shape} weight failed")
+    return y if dtype == x2.dtype else y.to(x2.dtype)
 
 
 def _gemv(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -333,5 +407,6 @@ def quantize_int8_symmetric(weight: torch.Tensor, eps: float) -> tuple[torch.Ten
     return q, scale
 
 
-__all__ = ["CpuKernelsUnavailable", "GEMV_MAX_M", "dequantize", "descriptor", "linear", "problem",
+__all__ = ["CpuKernelsUnavailable", "GEMM_MAX_M", "GEMV_MAX_M", "dequantize", "descriptor", "gemm_available",
+           "gemm_decoder", "gemm_path", "linear", "problem",
            "quantize_int8_absmax", "quantize_int8_symmetric"]

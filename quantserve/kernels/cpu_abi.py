@@ -15,11 +15,14 @@ FORMATS = {"QS_FMT_BNB4": 1, "QS_FMT_INT8_ROWS": 2, "QS_FMT_FLOAT8": 3, "QS_FMT_
            "QS_FMT_NVFP4": 6, "QS_FMT_GGUF": 7, "QS_FMT_INT4_BLOCKS": 8}
 # element dtypes of auxiliary tensors and outputs (QS_F32 ... in qs_cpu.h)
 DTYPES = {"QS_F32": 0, "QS_BF16": 1, "QS_F16": 2, "QS_I8": 3, "QS_U8": 4, "QS_I16": 5, "QS_I32": 6}
-ENUMS = {**FORMATS, **DTYPES}
+# qs_gemm's matmul paths (QS_GEMM_* in qs_cpu.h)
+GEMM_PATHS = {"QS_GEMM_AUTO": 0, "QS_GEMM_AMX": 1, "QS_GEMM_DPBF16": 2, "QS_GEMM_PORTABLE": 3}
+ENUMS = {**FORMATS, **DTYPES, **GEMM_PATHS}
 
 FMT_BNB4, FMT_INT8_ROWS, FMT_FLOAT8, FMT_INT4_GROUPED, FMT_QUANTO, FMT_NVFP4, FMT_GGUF, FMT_INT4_BLOCKS = (
     FORMATS.values())
 F32, BF16, F16, I8, U8, I16, I32 = DTYPES.values()
+GEMM_AUTO, GEMM_AMX, GEMM_DPBF16, GEMM_PORTABLE = GEMM_PATHS.values()
 
 
 class QsWeight(ctypes.Structure):
@@ -76,4 +79,4 @@ def mismatches(lib: Any) -> list[str]:
     return problems
 
 
-__all__ = ["DTYPES", "ENUMS", "FORMATS", "QsWeight", "c_layout", "mismatches"]
+__all__ = ["DTYPES", "ENUMS", "FORMATS", "GEMM_PATHS", "QsWeight", "c_layout", "mismatches"]

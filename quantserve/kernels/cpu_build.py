@@ -13,7 +13,8 @@ library.
 
 The sources, all compiled into the one library (every csrc/*.c; the headers are csrc/*.h): qs_cpu.h, the ABI
 (mirrored by cpu_abi.py, checked by qs_abi.c); qs_decode.c, the non-GGUF formats' row decoders and qs_dequantize, and
-qs_dot.c, their fused row dots and qs_gemv (sharing qs_packed.h); qs_gguf_decode.c, the portable GGUF decoders and
+qs_dot.c, their fused row dots and qs_gemv (sharing qs_packed.h), and qs_gemm.c, the fused dequantize-GEMM for a few
+dozen activation rows (AMX, AVX512-BF16 or portable float32; decoders of its own for the common formats); qs_gguf_decode.c, the portable GGUF decoders and
 their dispatch, qs_gguf_decode_avx512.c, the AVX-512 GGUF decoders, and qs_gguf_dot.c, the fused GGUF dots (sharing
 qs_gguf.h); qs_quantize.c, the int8 quantizers; qs_scalar.h, the exact scalar float conversions.
 
@@ -134,6 +135,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_dequantize.restype = c_int32
     lib.qs_gemv.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p]
     lib.qs_gemv.restype = c_int32
+    lib.qs_gemm.argtypes = [c_void_p, c_void_p, c_int32, c_int64, c_void_p, c_int32, c_void_p, c_int32]
+    lib.qs_gemm.restype = c_int32
+    lib.qs_gemm_available.argtypes = [c_int32]
+    lib.qs_gemm_available.restype = c_int32
+    lib.qs_gemm_best_path.argtypes = [c_int32]
+    lib.qs_gemm_best_path.restype = c_int32
+    lib.qs_gemm_decoder.argtypes = [c_void_p, c_int32]
+    lib.qs_gemm_decoder.restype = c_int32
     lib.qs_threads.argtypes = []
     lib.qs_threads.restype = c_int32
     lib.qs_isa.argtypes = []

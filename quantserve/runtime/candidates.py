@@ -19,11 +19,14 @@ from .quant_linear import Kernel, QuantLinear
 CanRun = Callable[[QuantLinear, torch.device], "tuple[bool, str]"]
 
 TRITON_FUSED, CPU_FUSED, NATIVE = "triton_fused", "cpu_fused", "native"
+CPU_GEMM = "cpu_gemm"
 TRITON_DEQUANT, CPU_DEQUANT, REFERENCE = "triton_dequant", "cpu_dequant", "reference"
 
 # The fixed preference, used when the autotune cache has nothing for a layer (lower runs first): quantserve's fused
-# Triton kernel (CUDA), quantserve's fused CPU kernel, the backend's own kernel, Triton dequantize-then-GEMM, CPU
-# slab dequantize-then-GEMM, and the torch reference last, which always runs. quantserve's fused kernels come first
+# Triton kernel (CUDA), quantserve's fused CPU kernel (whose "auto" path already runs the fused GEMM where it wins),
+# the backend's own kernel, Triton dequantize-then-GEMM, CPU
+# slab dequantize-then-GEMM, the fused CPU GEMM at any M (there for the autotuner to time; unmeasured, the slabs are the
+# safer choice at large M), and the torch reference last, which always runs. quantserve's fused kernels come first
 # because they read the packed weight once and never build the dense one; the autotuner replaces this order with
 # measured winners per shape.
 PREFERENCE: dict[str, int] = {
@@ -32,6 +35,7 @@ PREFERENCE: dict[str, int] = {
     NATIVE: 20,
     TRITON_DEQUANT: 30,
     CPU_DEQUANT: 35,
+    CPU_GEMM: 36,
     REFERENCE: 90,
 }
 

@@ -3,7 +3,10 @@
 - "native": the backend's own kernel (`QuantizedWeight.linear`), offered only where the weight class has one;
 - "reference": dequantize with torch, then a dense matmul (always runs: the yardstick);
 - "triton_fused": Triton's fused dequantize-matmul (split-K for M <= 16, tiled above);
-- "cpu_fused": the native CPU kernels' fused dequantize-GEMV (M <= 4), slabs above;
+- "cpu_fused": the native CPU kernels' path "auto": the fused dequantize-GEMV (M <= 4), the fused dequantize-GEMM
+  (bf16 activations, M <= 64, where AMX or AVX512-BF16 runs), slabs above;
+- "cpu_gemm": the native CPU kernels' fused dequantize-GEMM at any M (a panel of weight rows decoded once into an
+  L1/L2-sized bf16 buffer, multiplied against every activation row on AMX, AVX512-BF16 or portable float32 code);
 - "triton_dequant": Triton dequantizes the weight to the activation dtype, torch runs the matmul;
 - "cpu_dequant": the CPU kernels dequantize slabs of rows, torch's GEMM multiplies each.
 
@@ -24,6 +27,7 @@ from .backends.base import NoPackedFormat, QuantizedWeight
 from .candidates import (
     CPU_DEQUANT,
     CPU_FUSED,
+    CPU_GEMM,
     NATIVE,
     PREFERENCE,
     REFERENCE,
@@ -90,10 +94,17 @@ def can_run_triton(layer: QuantLinear, device: torch.device) -> tuple[bool, str]
 
 
 def cpu_fused_kernel(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """The CPU kernels' fused dequantize-GEMV (slab dequantize + GEMM above GEMV_MAX_M rows)."""
+    """The CPU kernels' own choice by M: the fused GEMV, the fused GEMM, or slab dequantize + GEMM (`cpu.linear`)."""
     from ..kernels import cpu
 
     return cpu.linear(x, weight.packed(), bias)
+
+
+def cpu_gemm_kernel(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU kernels' fused dequantize-GEMM (AMX, AVX512-BF16 or portable: `cpu.gemm_path`)."""
+    from ..kernels import cpu
+
+    return cpu.linear(x, weight.packed(), bias, path="gemm")
 
 
 def cpu_dequant_kernel(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +134,10 @@ def builtins() -> tuple[Candidate, ...]:
         (REFERENCE, reference_kernel, _always, "dequantize with torch, then a dense matmul"),
         (TRITON_FUSED, triton_fused_kernel, can_run_triton,
          "Triton fused dequantize-matmul (split-K for M <= 16, tiled above)"),
-        (CPU_FUSED, cpu_fused_kernel, can_run_cpu, "CPU fused dequantize-GEMV (C, SIMD, OpenMP; slabs above 4 rows)"),
+        (CPU_FUSED, cpu_fused_kernel, can_run_cpu,
+         "CPU fused dequantize-GEMV up to 4 rows, fused GEMM (bf16) up to 64, slabs above (C, SIMD, OpenMP)"),
+        (CPU_GEMM, cpu_gemm_kernel, can_run_cpu,
+         "CPU fused dequantize-GEMM: bf16 panels decoded once, AMX / AVX512-BF16 / portable matmul (C, OpenMP)"),
         (TRITON_DEQUANT, triton_dequant_kernel, can_run_triton, "Triton dequantize, then a dense matmul"),
         (CPU_DEQUANT, cpu_dequant_kernel, can_run_cpu, "CPU dequantize in cache-sized slabs, each then a dense matmul"),
     )

@@ -327,7 +327,8 @@ def test_router_offers_the_triton_kernels_where_triton_runs(nf4_model, router_st
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     decisions = route(nf4_model, "cpu", m=4)
-    assert decisions and all(d.runnable == [kc.FUSED, kc.CPU_FUSED, "native", kc.DEQUANT, kc.CPU_DEQUANT, "reference"]
+    assert decisions and all(d.runnable == [kc.FUSED, kc.CPU_FUSED, "native", kc.DEQUANT, kc.CPU_DEQUANT, kc.CPU_GEMM,
+                                                 "reference"]
                              for d in decisions)
     assert all(d.kernel == kc.FUSED and "fixed preference" in d.reason for d in decisions)
     name, layer = next(iter(quant_layers(nf4_model)))

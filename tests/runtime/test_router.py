@@ -28,9 +28,9 @@ def test_m_buckets_are_powers_of_two():
 
 def test_fixed_preference_without_cache(nf4_model):
     decisions = route(nf4_model, "cpu", m=4)
-    # on a CPU: quantserve's fused CPU kernel first, then the backend's, the CPU slabs, the reference
+    # on a CPU: quantserve's fused CPU kernel first, then the backend's, the CPU slabs, the CPU GEMM, the reference
     assert decisions and all(d.kernel == "cpu_fused" and "fixed preference" in d.reason for d in decisions)
-    assert all(d.runnable == ["cpu_fused", "native", "cpu_dequant", "reference"] for d in decisions)
+    assert all(d.runnable == ["cpu_fused", "native", "cpu_dequant", "cpu_gemm", "reference"] for d in decisions)
 
 
 def test_policy_forces_and_disables_by_pattern(nf4_model):
@@ -62,7 +62,7 @@ def test_autotune_stores_winners_and_a_warm_start_tunes_nothing(nf4_model, tmp_p
     assert set(stored) == {r.key for r in results}
     for entry in stored.values():
         assert entry["winner"] in entry["timings_ms"]
-        assert set(entry["timings_ms"]) == {"cpu_fused", "cpu_dequant", "native", "reference"}
+        assert set(entry["timings_ms"]) == {"cpu_fused", "cpu_dequant", "cpu_gemm", "native", "reference"}
     mtime = cache.path.stat().st_mtime_ns
     again = autotune(nf4_model, [2, 16], device="cpu", cache=TuneCache(cache.path))
     assert all(r.cached for r in again) and cache.path.stat().st_mtime_ns == mtime, "warm start rewrites nothing"
@@ -76,7 +76,7 @@ def test_a_kernel_that_strays_from_the_reference_is_rejected(nf4_model):
     with scoped_candidate(wrong):
         result = tune_layer(nf4_model.proj_out_1, "proj_out_1", 8, torch.device("cpu"))
         assert "wrong" in result.rejected and "strays" in result.rejected["wrong"]
-        assert result.winner in ("cpu_fused", "cpu_dequant", "native", "reference")
+        assert result.winner in ("cpu_fused", "cpu_dequant", "cpu_gemm", "native", "reference")
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -95,7 +95,7 @@ def test_load_model_routes_with_policy_and_warm_cache(tmp_path, monkeypatch):
     assert model.transformer_blocks[0].attn1.to_q.kernel_name == "cpu_fused"
     report = {l.name: l for l in model.quantserve_report.layers}
     assert report["proj_out_1"].kernel == "reference"
-    monkeypatch.setenv("QUANTSERVE_DISABLE_KERNELS", "cpu_fused|cpu_dequant,*=native")
+    monkeypatch.setenv("QUANTSERVE_DISABLE_KERNELS", "cpu_fused|cpu_dequant|cpu_gemm,*=native")
     assert load_model(folder, "nf4").proj_out_2.kernel_name == "reference"
     # a warm autotune cache is read at load: each layer gets its tuned winner
     monkeypatch.delenv("QUANTSERVE_DISABLE_KERNELS")

@@ -36,6 +36,9 @@ enum {
 /* element dtypes of auxiliary tensors and of outputs */
 enum { QS_F32 = 0, QS_BF16 = 1, QS_F16 = 2, QS_I8 = 3, QS_U8 = 4, QS_I16 = 5, QS_I32 = 6 };
 
+/* qs_gemm's matmul paths (qs_gemm.c): the best available; AMX tiles; AVX512-BF16 dot products; portable float32 */
+enum { QS_GEMM_AUTO = 0, QS_GEMM_AMX = 1, QS_GEMM_DPBF16 = 2, QS_GEMM_PORTABLE = 3 };
+
 typedef struct qs_weight {
     int32_t fmt, kind;
     int64_t n, k;
@@ -65,6 +68,19 @@ int qs_supported(int32_t fmt, int32_t kind);
 int qs_dequantize(const qs_weight *w, int64_t n0, int64_t n1, void *out, int32_t out_dtype);
 /* y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for m < M; x (M, K) and y (M, N) float32 row-major. */
 int qs_gemv(const qs_weight *w, const float *x, int64_t m, float *y, const float *bias);
+/* (qs_gemm.c) y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for M rows (at most 256), each panel of weight rows
+ * decoded once and multiplied against every row: x (M, K) row-major in x_dtype (bf16 for the AMX and AVX512-BF16
+ * paths; F32, BF16 or F16 for the portable one), y (M, N) in y_dtype, bias float32 or NULL. `path`: QS_GEMM_*. 0, or
+ * -1 (a path this process cannot run, an activation dtype the path does not take, a row that does not decode). */
+int qs_gemm(const qs_weight *w, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype,
+            const float *bias, int32_t path);
+/* 0 when this build and process can run qs_gemm's `path` (AMX: the CPU has it and the kernel allowed it), else -1 */
+int qs_gemm_available(int32_t path);
+/* the path QS_GEMM_AUTO takes for activations of x_dtype */
+int32_t qs_gemm_best_path(int32_t x_dtype);
+/* which decoder qs_gemm's `path` uses for this weight: 0 the generic one (whole rows through qs_decode_row), else a
+ * direct bf16 chunk decoder (1 4-bit table, 2 int8 rows, 3 float8, 4 GGUF Q4_0, 5 Q8_0, 6 Q4_K) */
+int32_t qs_gemm_decoder(const qs_weight *w, int32_t path);
 /* The number of OpenMP threads the kernels use. */
 int qs_threads(void);
 /* The instruction set the build targets: "avx512" (the AVX-512 intrinsics paths), "avx2" (the portable C,
