@@ -23,7 +23,8 @@ def test_quick_run_writes_both_tables(tmp_path):
     # every linear row names a winner that the autotuner timed
     rows = [line for line in table.splitlines() if "| 64x256 |" in line]
     assert len(rows) == 3 * 2, rows  # three schemes at M = 1 and 20
-    assert all(any(c in line for c in ("| cpu_fused |", "| cpu_dequant |", "| native |", "| reference |"))
+    assert all(any(c in line for c in ("| cpu_fused |", "| cpu_gemm |", "| cpu_dequant |", "| native |",
+                                       "| reference |"))
                for line in rows)
 
 
