@@ -75,6 +75,19 @@ class DigitsPipeline:
         self.dtype = dtype or compute_dtype(transformer)
         self.sample_size = int(getattr(getattr(transformer, "config", None), "sample_size", IMAGE_SIZE))
         self.device = next(iter(transformer.parameters())).device
+        self._timed: dict[int, DDIMScheduler] = {}
+
+    def timed_scheduler(self, steps: int) -> DDIMScheduler:
+        """A scheduler set to `steps` timesteps, built once per step count (from_config costs about 1 ms a call) and
+        shared: DDIM's `step` reads the scheduler and writes nothing, so concurrent calls may share it."""
+        scheduler = self._timed.get(steps)
+        if scheduler is None:
+            scheduler = DDIMScheduler.from_config(self.scheduler.config)
+            scheduler.set_timesteps(steps)
+            if len(self._timed) >= 64:  # bounded: a server sees a handful of step counts
+                self._timed.pop(next(iter(self._timed)))
+            self._timed[steps] = scheduler
+        return scheduler
 
     def initial_noise(self, n: int, seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Starting noise: image i uses seed + i (batch-position independent) unless a generator is given."""
@@ -114,8 +127,7 @@ class DigitsPipeline:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1 pixel, got {image_size}")
         labels = parse_prompts(prompts)
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)  # per call: set_timesteps mutates state
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler = self.timed_scheduler(num_inference_steps)
         x = self.initial_noise(len(labels), seed, generator) * scheduler.init_noise_sigma
         y = torch.tensor(labels, dtype=torch.long)
         for t in scheduler.timesteps:

@@ -1,6 +1,6 @@
 """A/B assignment: weighted split between variants, sticky by a salted hash, forced variants and shadow sampling.
 
-Plain Python with no Ray: the ABRouter deployment holds one `Splitter` and swaps it when its user_config changes.
+Plain Python with no Ray: the A/B router (inside each Ingress replica) holds one `Splitter` and swaps it when its user_config changes.
 """
 
 from __future__ import annotations

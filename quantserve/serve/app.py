@@ -1,4 +1,5 @@
-"""build_app: a serve config in, a Ray Serve application out (Ingress -> ABRouter -> one Diffusion per variant).
+"""build_app: a serve config in, a Ray Serve application out (Ingress, with the A/B router inside, -> one Diffusion
+deployment per variant).
 
 It is a Ray Serve application builder, so Ray's own CLI deploys the same config:
 
@@ -18,10 +19,9 @@ from .config import ConfigError, ServeConfig, default_config, load_config, parse
 from .diffusion import Diffusion
 from .families import resolve
 from .ingress import Ingress
-from .router import ABRouter
 
 IMPORT_PATH = "quantserve.serve.app:build_app"
-ROUTER_DEPLOYMENT = "ABRouter"
+EXPERIMENT_DEPLOYMENT = "Ingress"  # the deployment whose user_config is the experiment
 
 __all__ = ["IMPORT_PATH", "build_app", "build_application", "config_from_args", "default_config", "ray_serve_config"]
 
@@ -40,9 +40,9 @@ def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
 
 def build_application(cfg: ServeConfig) -> Application:
     """Bind the deployments for a validated config."""
-    handles = {}
+    variants = {}
     for i, v in enumerate(cfg.variants):
-        handles[v.name] = Diffusion.options(
+        handle = Diffusion.options(
             name=v.deployment_name,
             ray_actor_options=v.ray_actor_options(),
             autoscaling_config=v.autoscaling.to_ray(),
@@ -52,22 +52,17 @@ def build_application(cfg: ServeConfig) -> Application:
             graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
             max_constructor_retry_count=3,  # a model that fails to load fails the deploy soon, with its reason
         ).bind(v.model_dump(mode="json"), cfg.variant_limits(v.name).to_dict(), i)
-    router = ABRouter.options(
-        name=ROUTER_DEPLOYMENT,
-        num_replicas=cfg.router.num_replicas,
-        ray_actor_options={"num_cpus": cfg.router.num_cpus},
-        max_ongoing_requests=cfg.router.max_ongoing_requests,
-        user_config=cfg.experiment.model_dump(mode="json"),
-        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-    ).bind({v.name: v.scheme_label for v in cfg.variants}, {v.name: v.deployment_name for v in cfg.variants},
-           handles, cfg.retry_after_s)
+        variants[v.name] = {"scheme": v.scheme_label, "deployment": v.deployment_name, "handle": handle,
+                            "family": resolve(v.model, f"variants.{i}.model")[0].name}
     return Ingress.options(
+        name=EXPERIMENT_DEPLOYMENT,
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        user_config=cfg.experiment.model_dump(mode="json"),
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-    ).bind(router, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s, cfg.auth.ingress_args(),
-           sorted({resolve(v.model, f"variants.{i}.model")[0].name for i, v in enumerate(cfg.variants)}))
+    ).bind(variants, cfg.limits.model_dump(mode="json"), cfg.request_timeout_s, cfg.auth.ingress_args(),
+           cfg.retry_after_s)
 
 
 def build_app(args: dict) -> Application:
@@ -78,7 +73,7 @@ def build_app(args: dict) -> Application:
 def ray_serve_config(cfg: ServeConfig, route_prefix: str = "/") -> dict[str, Any]:
     """The same application as a Ray Serve config (`serve deploy`, KubeRay RayService).
 
-    The experiment is the ABRouter's user_config override, outside `args`: editing only the weights (or salt, or
+    The experiment is the Ingress's user_config override, outside `args`: editing only the weights (or salt, or
     shadow) and deploying again is a lightweight update that reconfigures the router without restarting a replica.
     """
     args = cfg.model_dump(mode="json", exclude={"experiment", "http", "metrics"})
@@ -90,6 +85,6 @@ def ray_serve_config(cfg: ServeConfig, route_prefix: str = "/") -> dict[str, Any
             "route_prefix": route_prefix,
             "import_path": IMPORT_PATH,
             "args": args,
-            "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": cfg.experiment.model_dump(mode="json")}],
+            "deployments": [{"name": EXPERIMENT_DEPLOYMENT, "user_config": cfg.experiment.model_dump(mode="json")}],
         }],
     }

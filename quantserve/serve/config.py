@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,16 @@ class AutoscalingConfig(_Strict):
         d = self.model_dump()
         d["initial_replicas"] = self.min_replicas
         return d
+
+
+class AutotuneConfig(_Strict):
+    """Deploy-time autotune (serve/tuning.py): at start a replica times the kernels for the layer shapes and M
+    buckets its serving implies that the autotune cache lacks for its device, then routes each M to its winner."""
+
+    on_start: bool = Field(True, description="tune at replica start (false: route from the cache or the fixed "
+                                             "preference, as `quantserve autotune` left it)")
+    budget_s: float = Field(120.0, ge=0, le=3600, description="the most seconds of tuning per replica start; what "
+                                                              "is left untuned keeps the fixed preference")
 
 
 class ResourcesConfig(_Strict):
@@ -144,6 +155,7 @@ class VariantConfig(_Strict):
     max_ongoing_requests: int = Field(8, ge=1, le=1024)
     max_queued_requests: int = Field(32, ge=0, le=100_000)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    autotune: AutotuneConfig = Field(default_factory=AutotuneConfig)
     gemm_sample_every: int = Field(20, ge=0, le=1_000_000, description="time the layers' GEMMs every N batches (0: never)")
     health_check_period_s: float = Field(10.0, gt=0, le=3600)
 
@@ -191,7 +203,7 @@ class ShadowConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    """The A/B split; the ABRouter's user_config, so it changes live without restarting replicas."""
+    """The A/B split; the Ingress's user_config, so it changes live without restarting replicas."""
 
     weights: dict[str, float] = Field(default_factory=dict, description="variant -> weight (>= 0); empty: equal")
     salt: str = Field("quantserve", min_length=1, max_length=128)
@@ -323,7 +335,8 @@ class LimitsConfig(_Strict):
 
 
 class FrontConfig(_Strict):
-    """The Ingress and ABRouter deployments: light, CPU-free by default, with room for many requests in flight."""
+    """The Ingress deployment (the HTTP API and the A/B router): light, CPU-free by default, with room for many
+    requests in flight."""
 
     num_replicas: int = Field(1, ge=1, le=64)
     num_cpus: float = Field(0.0, ge=0, le=64)
@@ -341,10 +354,17 @@ class ServeConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress: FrontConfig = Field(default_factory=FrontConfig)
-    router: FrontConfig = Field(default_factory=FrontConfig)
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     retry_after_s: int = Field(1, ge=1, le=3600)
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, le=3600)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_router_block(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "router" in data:
+            raise ValueError("router: the A/B router runs inside the Ingress since issue 13 (one Ray hop fewer per "
+                             "request); move num_replicas / num_cpus / max_ongoing_requests to `ingress`")
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ServeConfig:

@@ -1,7 +1,7 @@
 """Deploy a serve config on the Ray instance this process is connected to, the way `serve deploy` does.
 
 Deploying a Ray Serve config (rather than `serve.run` of a built application) lets Ray tell code changes from config
-changes: deploying again with only the experiment changed reconfigures the ABRouter in place, without restarting any
+changes: deploying again with only the experiment changed reconfigures the Ingress's A/B router in place, without restarting any
 replica. `quantserve serve` and the tests use it. A Ray Serve config lists every application of the cluster, so a
 submit keeps the other applications already deployed from a config (each with its own name and route prefix) and
 replaces only the one it deploys.

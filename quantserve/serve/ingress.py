@@ -1,4 +1,5 @@
-"""The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API.
+"""The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API, with the
+A/B router inside it (serve/router.py): a request goes Ingress -> the variant's Diffusion replica, one Ray hop.
 
 POST /v1/images/generations, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz, GET /readyz.
 Every response carries X-Quantserve-Variant (the variant that served it, or 'none'). With `stream: true` the answer
@@ -29,13 +30,14 @@ from .config import LimitsConfig
 from .families import families, known_extra_fields
 from .generation import new_error_id
 from .metrics import IngressMetrics
+from .router import ABRouter
 
 logger = logging.getLogger("quantserve.serve")
 
 VARIANT_HEADER = "X-Quantserve-Variant"
 NO_VARIANT = "none"
 MAX_FORWARDED_HEADERS = 32
-PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # never passed to the router
+PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # never given to the router
 
 # /docs and /openapi.json are off unless the config's auth.docs turns them on (the docs page loads scripts from a CDN)
 app = FastAPI(title="quantserve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
@@ -43,33 +45,59 @@ app = FastAPI(title="quantserve", version="0.1.0", docs_url=None, redoc_url=None
 
 
 
-@app.middleware("http")
-async def _auth_and_variant_header(request: Request, call_next: Any) -> Response:
+class _Guard:
     """Refuse oversized request headers (431) and requests without an accepted API key (when keys are configured;
-    probes stay open), and make sure
-    every response names its variant ('none' when no variant served it). The keys live on the app's state, set by
-    Ingress.__init__ in the replica (not a module global: Ray ships the deployment class by value)."""
-    limits = getattr(request.app.state, "limits", None) or LimitsConfig()
-    headers = request.scope.get("headers", [])
-    size = sum(len(k) + len(v) for k, v in headers)
-    if len(headers) > limits.max_headers or size > limits.max_header_bytes:
-        message = (f"headers: {len(headers)} headers of {size} bytes; at most {limits.max_headers} headers and "
-                   f"{limits.max_header_bytes} bytes in all")
-        return JSONResponse(error_body(message, 431, "headers", "headers_too_large"), status_code=431,
-                            headers={VARIANT_HEADER: NO_VARIANT})
-    keys = getattr(request.app.state, "api_keys", None) or ApiKeys()
-    path, root = request.url.path, request.scope.get("root_path", "")  # root_path: the app's route prefix
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    if keys.enabled and path not in OPEN_PATHS and not keys.allows(request.headers.get("authorization")):
-        given = "authorization" in request.headers
-        message = ("Incorrect API key provided (Authorization: Bearer <key>)" if given else
-                   "No API key provided: send it as 'Authorization: Bearer <key>'")
-        return JSONResponse(error_body(message, 401, code="invalid_api_key"), status_code=401,
-                            headers={"WWW-Authenticate": "Bearer", VARIANT_HEADER: NO_VARIANT})
-    response = await call_next(request)
-    response.headers.setdefault(VARIANT_HEADER, NO_VARIANT)
-    return response
+    probes stay open), and make sure every response names its variant ('none' when no variant served it).
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`@app.middleware("http")`) wraps every request in extra
+    tasks and streams. The keys and limits live on the app's state, set by Ingress.__init__ in the replica (not
+    module globals: Ray ships the deployment class by value)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.inner(scope, receive, send)
+            return
+        state = scope["app"].state
+        limits = getattr(state, "limits", None) or LimitsConfig()
+        headers = scope.get("headers", [])
+        size = sum(len(k) + len(v) for k, v in headers)
+        refusal = None
+        if len(headers) > limits.max_headers or size > limits.max_header_bytes:
+            message = (f"headers: {len(headers)} headers of {size} bytes; at most {limits.max_headers} headers and "
+                       f"{limits.max_header_bytes} bytes in all")
+            refusal = JSONResponse(error_body(message, 431, "headers", "headers_too_large"), status_code=431,
+                                   headers={VARIANT_HEADER: NO_VARIANT})
+        keys = getattr(state, "api_keys", None) or ApiKeys()
+        if refusal is None and keys.enabled:
+            path, root = scope["path"], scope.get("root_path", "")  # root_path: the app's route prefix
+            if root and path.startswith(root):
+                path = path[len(root):] or "/"
+            authorization = next((v for k, v in headers if k == b"authorization"), None)
+            if path not in OPEN_PATHS and not keys.allows(authorization.decode("latin-1") if authorization else None):
+                message = ("Incorrect API key provided (Authorization: Bearer <key>)" if authorization is not None
+                           else "No API key provided: send it as 'Authorization: Bearer <key>'")
+                refusal = JSONResponse(error_body(message, 401, code="invalid_api_key"), status_code=401,
+                                       headers={"WWW-Authenticate": "Bearer", VARIANT_HEADER: NO_VARIANT})
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+
+        async def named(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                out = list(message.get("headers", []))
+                if not any(k.lower() == _VARIANT_KEY for k, _ in out):
+                    out.append((_VARIANT_KEY, NO_VARIANT.encode()))
+                message = {**message, "headers": out}
+            await send(message)
+
+        await self.inner(scope, receive, named)
+
+
+_VARIANT_KEY = VARIANT_HEADER.lower().encode()
+app.add_middleware(_Guard)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -106,29 +134,24 @@ async def read_bounded(request: Request, limit: int, timeout_s: float | None = N
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # in this task: wait_for would start another one per request
+            await read()
+    except TimeoutError:
         raise RequestError(408, f"body: not received within {timeout_s:g} s (limits.body_timeout_s)", "body",
                            "body_timeout") from None
     return b"".join(chunks)
 
 
-async def _awaited(response: Any) -> Any:
-    return await response
-
-
 def server_timing(timing: dict[str, float], arrived: float) -> str:
     """The Server-Timing header of a generation: each stage's milliseconds, nested durations made exclusive.
-    total: the Ingress's whole handling; ingress: its own part (parse, encode the answer); hop-router and
-    hop-replica: Ray's calls between the deployments; router: assignment; queue: waiting for a batch; generate and
+    total: the Ingress's whole handling; ingress: its own part (parse, encode the answer); router: the A/B
+    assignment; hop-replica: Ray's call to the variant's replica and back; queue: waiting for a batch; generate and
     encode: the pipeline call and PNG encoding (a batch's, shared by its requests)."""
     total = (time.perf_counter() - arrived) * 1000
     t = {k: float(v) for k, v in timing.items()}
     stages = {"total": total}
-    if "ingress_call" in t:
-        stages["ingress"] = total - t["ingress_call"]
-        if "router" in t:
-            stages["hop-router"] = t["ingress_call"] - t["router"]
+    if "router" in t:
+        stages["ingress"] = total - t["router"]
     if "router" in t and "router_call" in t:
         stages["router"] = t["router"] - t["router_call"]
         if "replica" in t:
@@ -147,23 +170,31 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Ingress:
-    """Validates requests, hands them to the ABRouter, and shapes the answers."""
+    """Validates requests, routes them by the experiment (its user_config) to the variants, and shapes the answers."""
 
-    def __init__(self, router: Any, limits: dict[str, Any], request_timeout_s: float = 120.0,
-                 auth: dict[str, Any] | None = None, variant_families: Sequence[str] = ()):
+    def __init__(self, variants: dict[str, dict[str, Any]], limits: dict[str, Any], request_timeout_s: float = 120.0,
+                 auth: dict[str, Any] | None = None, retry_after_s: int = 1):
+        """`variants`: name -> {"scheme", "deployment", "family", "handle"} (the Diffusion deployment's handle)."""
         auth = auth or {}
         keys = app.state.api_keys = ApiKeys.load(auth.get("digests", ()), auth.get("file"))
         logger.info("API keys: %s", f"{len(keys)} accepted" if keys.enabled else "none (the API is open)")
         if auth.get("docs"):
             app.openapi_url, app.docs_url = "/openapi.json", "/docs"
             app.setup()  # FastAPI adds its docs routes for the URLs set
-        self.router = router
+        self.router = ABRouter({n: v["scheme"] for n, v in variants.items()},
+                               {n: v["deployment"] for n, v in variants.items()},
+                               {n: v["handle"] for n, v in variants.items()}, retry_after_s)
         self.limits = app.state.limits = LimitsConfig.model_validate(limits)
         self.extra_fields = known_extra_fields()
         registry = families()  # the variants' families judge prompts here when they can do so without a model
-        self.prompt_judges = [registry[name] for name in variant_families if name in registry]
+        self.prompt_judges = [registry[n] for n in sorted({v["family"] for v in variants.values()}) if n in registry]
         self.request_timeout_s = request_timeout_s
         self.metrics = IngressMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ray Serve's lightweight update: a new experiment, applied live (an invalid one raises: Serve keeps the
+        replica on the old one)."""
+        self.router.reconfigure(user_config)
 
     def _error(self, path: str, status: int, message: str, param: str | None = None, code: str | None = None,
                variant: str = NO_VARIANT, error_id: str | None = None,
@@ -192,16 +223,13 @@ class Ingress:
                         if k.lower() not in PRIVATE_HEADERS][:MAX_FORWARDED_HEADERS])  # for a header sticky key
         forced = request.headers.get(FORCE_HEADER)
         if req.stream:
-            stream = self.router.options(stream=True).generate_stream.remote(
-                job, model=req.model, forced=forced, user=req.user, headers=headers)
+            stream = self.router.generate_stream(job, model=req.model, forced=forced, user=req.user, headers=headers)
             return await self._stream(path, job, stream)
-        calling = time.perf_counter()
-        response = self.router.generate.remote(job, model=req.model, forced=forced, user=req.user, headers=headers)
-        try:
-            outcome = await asyncio.wait_for(_awaited(response), self.request_timeout_s)
-            outcome.setdefault("timing", {})["ingress_call"] = (time.perf_counter() - calling) * 1000
-        except asyncio.TimeoutError:
-            response.cancel()
+        try:  # a timeout cancels the router's call, which cancels the replica's work (no extra task: asyncio.timeout)
+            async with asyncio.timeout(self.request_timeout_s):
+                outcome = await self.router.generate(job, model=req.model, forced=forced, user=req.user,
+                                                     headers=headers)
+        except TimeoutError:
             return self._error(path, 504, f"no answer within {self.request_timeout_s} s", code="timeout")
         except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
             return self._internal_error(path, "the router")
@@ -236,11 +264,13 @@ class Ingress:
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.request_timeout_s)
         except asyncio.TimeoutError:
-            stream.cancel()
+            await stream.aclose()
             return self._error(path, 504, f"no answer within {self.request_timeout_s} s", code="timeout")
         except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
+            await stream.aclose()
             return self._internal_error(path, "the router")
         if first["event"] == "error":
+            await stream.aclose()
             return self._refused(path, first)
         variant = first.get("variant", NO_VARIANT)
         self.metrics.responded(path, 200, variant)
@@ -248,7 +278,15 @@ class Ingress:
         return StreamingResponse(self._events(first, stream), media_type="text/event-stream", headers=headers)
 
     async def _events(self, accepted: dict[str, Any], stream: Any) -> AsyncIterator[bytes]:
-        """progress per step, completed per image; an error event when the job fails or stalls."""
+        """progress per step, completed per image; an error event when the job fails or stalls. However it ends
+        (the client gone included), the router's stream is closed, and with it the replica's."""
+        try:
+            async for event in self._event_bytes(accepted, stream):
+                yield event
+        finally:
+            await stream.aclose()
+
+    async def _event_bytes(self, accepted: dict[str, Any], stream: Any) -> AsyncIterator[bytes]:
         size, variant = accepted["size"], accepted.get("variant", NO_VARIANT)
         while True:
             try:
@@ -256,7 +294,7 @@ class Ingress:
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
-                stream.cancel()
+                await stream.aclose()
                 yield sse("error", {"type": "error", **error_body(f"no event within {self.request_timeout_s} s", 504,
                                                                    code="timeout")})
                 return
@@ -316,7 +354,7 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
         try:
-            variants = await self.router.models.remote()
+            variants = await self.router.models()
         except Exception:  # noqa: BLE001 - a 500 with an id, never a bare traceback
             return self._internal_error("/v1/models", "listing the models")
         data = [{"object": "model", "owned_by": "quantserve", "created": int(v.get("started", 0) or 0), **v}
@@ -327,7 +365,7 @@ class Ingress:
     @app.get("/v1/ab")
     async def experiment(self) -> JSONResponse:
         try:
-            state = await self.router.state.remote()
+            state = await self.router.state()
         except Exception:  # noqa: BLE001
             return self._internal_error("/v1/ab", "reading the experiment")
         self.metrics.responded("/v1/ab", 200, NO_VARIANT)
@@ -340,7 +378,7 @@ class Ingress:
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> JSONResponse:
         try:
-            readiness = await asyncio.wait_for(self.router.readiness.remote(), 10.0)
+            readiness = await asyncio.wait_for(self.router.readiness(), 10.0)
         except Exception as exc:  # noqa: BLE001 - not ready, with the reason
             readiness = {"ready": False, "error": f"{type(exc).__name__}: {exc}"[:300], "variants": {}}
         status = 200 if readiness.get("ready") else 503

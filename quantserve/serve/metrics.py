@@ -52,7 +52,7 @@ class VariantMetrics:
 
 
 class RouterMetrics:
-    """A/B assignments and shadow comparisons, recorded by the ABRouter."""
+    """A/B assignments and shadow comparisons, recorded by the A/B router (inside the Ingress)."""
 
     def __init__(self, schemes: Mapping[str, str]):
         self.schemes = dict(schemes)

@@ -1,7 +1,7 @@
 """A serve config and helm/quantserve's KubeRay RayService: the chart's `serve:` values, and back from serveConfigV2.
 
 The chart renders `serveConfigV2` in the shape of `app.ray_serve_config`: the serve config (less experiment, http and
-metrics) as the application's `args`, the experiment as the ABRouter's `user_config`, http as `http_options`. This
+metrics) as the application's `args`, the experiment as the Ingress's `user_config`, http as `http_options`. This
 module goes the other way, so a rendered chart can be checked with the same pydantic model that `quantserve serve`
 uses, and turns a serve config file into the chart's values. No Ray and no Kubernetes library: it imports anywhere.
 
@@ -25,10 +25,12 @@ from quantserve.kernels.atomic_write import atomic_write_text
 
 from .config import ConfigError, ServeConfig, load_config, parse_config
 
-# The same strings as serve.app's IMPORT_PATH and ROUTER_DEPLOYMENT (tests/helm holds them equal); repeated here so
-# that this module imports without Ray.
+# The same strings as serve.app's IMPORT_PATH and EXPERIMENT_DEPLOYMENT (tests/helm holds them equal); repeated here
+# so that this module imports without Ray. LEGACY_EXPERIMENT_DEPLOYMENT: where configs rendered before issue 13 put
+# the experiment (a deployment of its own then), still read.
 IMPORT_PATH = "quantserve.serve.app:build_app"
-ROUTER_DEPLOYMENT = "ABRouter"
+EXPERIMENT_DEPLOYMENT = "Ingress"
+LEGACY_EXPERIMENT_DEPLOYMENT = "ABRouter"
 CLUSTER_HOST = "0.0.0.0"  # in a pod, Serve's proxies listen on every interface, or the Service cannot reach them
 SERVE_EXCLUDED_FROM_ARGS = ("experiment", "http", "metrics")  # what ray_serve_config keeps out of `args`
 SERVE_SCHEMA_REF = "#/properties/serve/$defs/"  # where the serve schema's definitions sit in values.schema.json
@@ -58,8 +60,8 @@ def serve_config_from_v2(document: str | Mapping[str, Any], app_name: str | None
                          metrics_port: int | None = None) -> ServeConfig:
     """The ServeConfig that a serveConfigV2 (a Ray Serve config, YAML text or parsed) deploys.
 
-    args + the ABRouter's user_config as `experiment` + http_options' host and port as `http`; a ConfigError names
-    the field. Deployment overrides other than the ABRouter's user_config are refused: quantserve's builder sets
+    args + the Ingress's user_config as `experiment` + http_options' host and port as `http`; a ConfigError names
+    the field. Deployment overrides other than the Ingress's user_config are refused: quantserve's builder sets
     every deployment from args, and an override would silently win over them.
     """
     if isinstance(document, str):
@@ -76,12 +78,13 @@ def serve_config_from_v2(document: str | Mapping[str, Any], app_name: str | None
                           f"put the serve config itself under args")
     clash = [k for k in SERVE_EXCLUDED_FROM_ARGS if k in data]
     if clash:
-        raise ConfigError(f"{where}.args: {', '.join(clash)} belong outside args (the ABRouter's user_config, "
+        raise ConfigError(f"{where}.args: {', '.join(clash)} belong outside args (the Ingress's user_config, "
                           f"http_options, rayStartParams), got them inside")
     for i, dep in enumerate(app.get("deployments") or []):
         dep = _mapping(dep, f"{where}.deployments[{i}]")
-        if dep.get("name") != ROUTER_DEPLOYMENT or set(dep) - {"name", "user_config"}:
-            raise ConfigError(f"{where}.deployments[{i}]: only {{name: {ROUTER_DEPLOYMENT}, user_config: ...}} is "
+        if dep.get("name") not in (EXPERIMENT_DEPLOYMENT, LEGACY_EXPERIMENT_DEPLOYMENT) or set(dep) - {"name",
+                                                                                                    "user_config"}:
+            raise ConfigError(f"{where}.deployments[{i}]: only {{name: {EXPERIMENT_DEPLOYMENT}, user_config: ...}} is "
                               f"expected (the experiment); variant settings belong in args.variants, got {dep}")
         data["experiment"] = _mapping(dep.get("user_config") or {}, f"{where}.deployments[{i}].user_config")
     http = _mapping(ray_config.get("http_options") or {}, "serveConfigV2.http_options")

@@ -1,8 +1,11 @@
-"""The ABRouter deployment: assigns each request to a variant, calls that variant's Diffusion deployment, and mirrors
-a sampled share onto the shadow variant after the response, recording how far the shadow's pixels are.
+"""The A/B router: assigns each request to a variant, calls that variant's Diffusion deployment, and mirrors a
+sampled share onto the shadow variant after the response, recording how far the shadow's pixels are.
 
-The experiment (weights, salt, sticky key, shadow) is the deployment's user_config: Ray Serve calls `reconfigure`
-with a new one without restarting the replica (a lightweight update), so weights change live.
+It runs inside each Ingress replica (plain Python, no deployment of its own), so a request makes one Ray hop
+(Ingress -> Diffusion) instead of two; benchmarks/serving.md measured that hop at about 5 ms here. The experiment
+(weights, salt, sticky key, shadow) is the Ingress deployment's user_config: Ray Serve calls `Ingress.reconfigure`
+with a new one without restarting the replica (a lightweight update), which hands it to `ABRouter.reconfigure`, so
+weights change live. Counts and shadow results are per Ingress replica; the Prometheus metrics add them up.
 """
 
 from __future__ import annotations
@@ -37,9 +40,8 @@ RECENT_SHADOWS = 20
 INFO_TIMEOUT_S = 10.0
 
 
-@serve.deployment(name="ABRouter", graceful_shutdown_timeout_s=5)
 class ABRouter:
-    """Routes jobs to the Diffusion deployments by the experiment in its user_config."""
+    """Routes jobs to the Diffusion deployments by the experiment (inside an Ingress replica)."""
 
     def __init__(self, schemes: dict[str, str], deployments: dict[str, str], handles: dict[str, Any],
                  retry_after_s: int = 1):
@@ -68,7 +70,8 @@ class ABRouter:
         try:
             experiment = ExperimentConfig.model_validate(dict(user_config or {}))
         except ValidationError as exc:
-            raise ValueError("ABRouter user_config: " + format_validation_error(exc, "experiment.")) from None
+            raise ValueError("Ingress user_config (the experiment): " + format_validation_error(exc, "experiment.")
+                             ) from None
         experiment.check(self.names)
         self.splitter = Splitter(self.names, experiment.resolved_weights(self.names), experiment.salt,
                                  experiment.sticky_key, experiment.shadow.variant, experiment.shadow.sample_rate)
@@ -105,8 +108,12 @@ class ABRouter:
         """The variant's outcome. A replica that dies under the request (killed, out of memory) loses nothing:
         generation is seeded and idempotent, so the request runs once more, on a live replica."""
         for attempt in (1, 2):
+            response = self.handles[variant].generate.remote(job)
             try:
-                return await self.handles[variant].generate.remote(job)
+                return await response
+            except asyncio.CancelledError:  # the Ingress gave up (timeout, client gone): stop the replica's work too
+                response.cancel()
+                raise
             except REPLICA_DIED as exc:
                 if attempt == 1:
                     logger.warning("variant %s: the replica died under a request (%s); running it again",
@@ -147,8 +154,9 @@ class ABRouter:
         self.counts[variant][assignment.reason] += 1
         stamp = {"variant": variant, "assignment": assignment.reason}
         started = False
+        stream = self.handles[variant].options(stream=True).generate_stream.remote(job)
         try:
-            async for item in self.handles[variant].options(stream=True).generate_stream.remote(job):
+            async for item in stream:
                 started = True
                 item.update(stamp)
                 if item["event"] == "done" and item["status"] == 200 and (
@@ -159,6 +167,8 @@ class ABRouter:
                 yield item
         except Exception as exc:  # noqa: BLE001 - before the first event an error alone; after, the stream's end
             yield {"event": "done" if started else "error", **self._failure(variant, exc), **stamp}
+        finally:  # closed early (the client went away, a timeout): the replica stops at its next step
+            stream.cancel()
 
     async def _shadow(self, variant: str, shadow: str, job: dict[str, Any], images: list[bytes]) -> None:
         """Run the same job (same seed) on the shadow variant and record the pixel difference."""

@@ -37,7 +37,7 @@ def test_serve_config_v2_is_a_valid_ray_serve_config(case_id: str, values: dict[
     schema = ServeDeploySchema.model_validate(ray_config)
     [application] = schema.applications
     assert application.import_path == app.IMPORT_PATH
-    assert [d.name for d in application.deployments] == [app.ROUTER_DEPLOYMENT]
+    assert [d.name for d in application.deployments] == [app.EXPERIMENT_DEPLOYMENT]
     assert schema.http_options.host == rayservice.CLUSTER_HOST
 
 
@@ -73,7 +73,7 @@ def test_serve_config_v2_is_a_yaml_block_in_the_rayservice():
 
 def test_changing_the_experiment_changes_only_the_routers_user_config():
     # `helm upgrade` with new weights: KubeRay sees only serveConfigV2 change (no new Ray cluster), and Ray Serve sees
-    # only the ABRouter's user_config change (a lightweight update: reconfigure() on the live replica, no restart)
+    # only the Ingress's user_config change (a lightweight update: reconfigure() on the live replica, no restart)
     before = merged(None, **{"serve.experiment.weights": {"bf16": 0.5, "nf4": 0.5}})
     after = merged(None, **{"serve.experiment.weights": {"bf16": 0.9, "nf4": 0.1}, "serve.experiment.salt": "ab-2",
                             "serve.experiment.shadow": {"variant": "bf16", "sample_rate": 0.05}})
@@ -89,7 +89,7 @@ def test_changing_the_experiment_changes_only_the_routers_user_config():
     assert old_router["weights"] == {"bf16": 0.5, "nf4": 0.5}
     assert new_router == {"weights": {"bf16": 0.9, "nf4": 0.1}, "salt": "ab-2", "sticky_key": "user",
                           "shadow": {"variant": "bf16", "sample_rate": 0.05}}
-    ExperimentConfig.model_validate(new_router).check(["bf16", "nf4"])  # what ABRouter.reconfigure accepts
+    ExperimentConfig.model_validate(new_router).check(["bf16", "nf4"])  # what Ingress.reconfigure accepts
     assert [d["kind"] for d in old_docs] == [d["kind"] for d in new_docs]
 
 
@@ -104,7 +104,7 @@ def test_examples_serve_yaml_moves_to_the_chart_unchanged():
 
 
 def test_import_path_and_router_name_match_the_app():
-    assert (rayservice.IMPORT_PATH, rayservice.ROUTER_DEPLOYMENT) == (app.IMPORT_PATH, app.ROUTER_DEPLOYMENT)
+    assert (rayservice.IMPORT_PATH, rayservice.EXPERIMENT_DEPLOYMENT) == (app.IMPORT_PATH, app.EXPERIMENT_DEPLOYMENT)
 
 
 def test_values_schema_serve_part_is_generated_from_the_serve_config_model():
@@ -118,9 +118,13 @@ def test_values_schema_serve_part_is_generated_from_the_serve_config_model():
     ({"applications": [{"name": "q", "import_path": rayservice.IMPORT_PATH, "args": {"config": "/etc/q.yaml"}}]},
      "args.config"),
     ({"applications": [{"name": "q", "import_path": rayservice.IMPORT_PATH, "args": {"variants": [{"name": "a"}]},
-                        "deployments": [{"name": "Diffusion_a", "num_replicas": 3}]}]}, "only {name: ABRouter"),
+                        "deployments": [{"name": "Diffusion_a", "num_replicas": 3}]}]}, "only {name: Ingress"),
     ({"applications": [{"name": "q", "import_path": rayservice.IMPORT_PATH,
                         "args": {"variants": [{"name": "a"}], "experiment": {}}}]}, "belong outside args"),
+    ({"applications": [{"name": "q", "import_path": rayservice.IMPORT_PATH, "args": {"variants": [{"name": "a"}]},
+                        "deployments": [{"name": "Ingress", "user_config": {"weights": {"b": 1}}}]}]},
+     "experiment.weights: unknown variant(s) 'b'"),
+    # a config rendered before issue 13 (the experiment on an ABRouter deployment) is still read
     ({"applications": [{"name": "q", "import_path": rayservice.IMPORT_PATH, "args": {"variants": [{"name": "a"}]},
                         "deployments": [{"name": "ABRouter", "user_config": {"weights": {"b": 1}}}]}]},
      "experiment.weights: unknown variant(s) 'b'"),

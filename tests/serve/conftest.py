@@ -41,13 +41,13 @@ class RunningApp:
         before = self.get("/v1/ab").json()["generation"]
         submit(parse_config(make_test_config(self.port, **changes)))
         state = wait_for(lambda: (s := self.get("/v1/ab").json())["generation"] > before and s, 60,
-                         "the ABRouter to take the new experiment")
+                         "the Ingress to take the new experiment")
         try:
             yield state
         finally:
             submit(parse_config(self.base_config))
             wait_for(lambda: self.get("/v1/ab").json()["generation"] > state["generation"], 60,
-                     "the ABRouter to take the original experiment back")
+                     "the Ingress to take the original experiment back")
 
 
 @pytest.fixture(scope="session")

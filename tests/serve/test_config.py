@@ -74,6 +74,7 @@ def test_flux_example_config_loads() -> None:
     ({"variants": [{"name": "a"}], "experiment": {"shadow": {"sample_rate": 2}}}, "experiment.shadow.sample_rate"),
     ({"variants": [{"name": "a"}], "experiment": {"sticky_key": "cookie"}}, "experiment.sticky_key: got 'cookie'"),
     ({"variants": [{"name": "a"}], "http": {"port": 70000}}, "http.port"),
+    ({"variants": [{"name": "a"}], "router": {"num_replicas": 2}}, "router: the A/B router runs inside the Ingress"),
     ({"variants": [{"name": "a"}], "limits": {"max_n": 0}}, "limits.max_n"),
     ({"variants": [{"name": "a", "batching": {"max_batch_images": 2}}], "limits": {"max_n": 4}},
      "variants.0.batching.max_batch_images (2) must be >= limits.max_n (4)"),
@@ -163,7 +164,7 @@ def test_ray_serve_config_keeps_the_experiment_out_of_the_code_version() -> None
     app = ray_cfg["applications"][0]
     assert app["import_path"] == IMPORT_PATH
     assert "experiment" not in app["args"] and "http" not in app["args"]
-    assert app["deployments"] == [{"name": "ABRouter", "user_config": cfg.experiment.model_dump(mode="json")}]
+    assert app["deployments"] == [{"name": "Ingress", "user_config": cfg.experiment.model_dump(mode="json")}]
     assert ray_cfg["http_options"] == {"host": "127.0.0.1", "port": 8000}
     # the builder takes the args back (the router's user_config then overrides the default experiment)
     assert config_from_args(app["args"]).variant_names == cfg.variant_names

@@ -66,8 +66,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 serveConfigV2: the shape of `quantserve serve CONFIG --print-ray-config` (serve/app.py ray_serve_config). The serve
-config less experiment/http/metrics is the application's args; the experiment is the ABRouter's user_config, so an
-upgrade that changes only the experiment is a lightweight in-place reconfiguration of the router.
+config less experiment/http/metrics is the application's args; the experiment is the Ingress's user_config (the A/B
+router runs inside it), so an upgrade that changes only the experiment is a lightweight in-place reconfiguration.
 */}}
 {{- define "quantserve.serveConfig" -}}
 {{- $serve := .Values.serve }}
@@ -84,7 +84,7 @@ applications:
   args:
     {{- toYaml $args | nindent 4 }}
   deployments:
-  - name: ABRouter
+  - name: Ingress
     user_config:
       {{- toYaml ($serve.experiment | default dict) | nindent 6 }}
 {{- end }}
