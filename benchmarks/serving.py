@@ -16,9 +16,11 @@ Load: `--load-requests` requests at each concurrency of `--concurrency` for each
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -97,13 +99,9 @@ def bare_app() -> Any:
 
 
 def quantserve_config(port: int, threads: int, autotune: bool) -> dict[str, Any]:
-    common = {"model": None, "gemm_sample_every": 0, "resources": {"num_cpus": 0, "torch_threads": threads}}
-    variants = []
-    for name in VARIANTS:
-        v = {"name": name, "quantization": name, **common}
-        if autotune:
-            v["autotune"] = {"on_start": True, "budget_s": 120}
-        variants.append(v)
+    common = {"model": None, "gemm_sample_every": 0, "resources": {"num_cpus": 0, "torch_threads": threads},
+              "autotune": {"on_start": autotune, "budget_s": 300}}
+    variants = [{"name": name, "quantization": name, **common} for name in VARIANTS]
     return {"app_name": "bench", "variants": variants, "experiment": {"weights": {"bf16": 1.0, "nf4": 0.0}},
             "http": {"host": "127.0.0.1", "port": port}, "limits": {"max_n": 4, "max_steps": 50},
             "request_timeout_s": 120}
@@ -172,6 +170,7 @@ def load(url: str, variant: str, concurrency: int, requests_n: int, steps: int) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
+    import requests
     from ray import serve
     from tqdm import tqdm
 
@@ -180,11 +179,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from quantserve.serve.proxy_guard import guarded_proxy
 
     port = free_port()
-    cfg = parse_config(quantserve_config(port, args.threads, autotune=False))
+    cfg = parse_config(quantserve_config(port, args.threads, autotune=True))
+    cache_dir = Path(tempfile.mkdtemp(prefix="quantserve-bench-cache-"))  # the replicas' autotune cache, fresh
+    os.environ["QUANTSERVE_CACHE_DIR"] = str(cache_dir)
     with guarded_proxy(cfg.limits):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve")
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
-                               "requests": args.requests, "threads": args.threads}
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "requests": args.requests,
+                               "threads": args.threads, "load_steps": args.load_steps}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(bare_app(), name="bare", route_prefix="/bare")
@@ -213,11 +214,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             overhead[name]["overhead_ms"] = overhead[name]["p50_ms"] - local[name]
         results["overhead"] = overhead
         rows = []
+        results["autotune"] = {}
         if args.load_requests:
-            levels = [(v, c) for v in VARIANTS for c in args.concurrency]
-            for variant, c in tqdm(levels, desc="load", unit="level"):
-                load(urls["quantserve"], variant, c, max(c, args.load_requests // 4), args.load_steps)  # warm
-                rows.append(load(urls["quantserve"], variant, c, args.load_requests, args.load_steps))
+            for tuned in (False, True):  # the same app without, then with deploy-time autotune, from an empty cache
+                (cache_dir / "autotune.json").unlink(missing_ok=True)
+                deploy(parse_config(quantserve_config(port, args.threads, autotune=tuned)), timeout_s=900)
+                models = requests.get(f"{base}/v1/models", timeout=60).json()["data"]
+                results["autotune"][str(tuned)] = {m["id"]: {k: m["autotune"].get(k) for k in
+                                                             ("problems", "tuned", "cached", "seconds")}
+                                                   | {"routing": m["routing"]["kernels"]} for m in models}
+                levels = [(v, c) for v in VARIANTS for c in args.concurrency]
+                for variant, c in tqdm(levels, desc=f"load, autotune {'on' if tuned else 'off'}", unit="level"):
+                    load(urls["quantserve"], variant, c, max(c, args.load_requests // 4), args.load_steps)  # warm
+                    rows.append({**load(urls["quantserve"], variant, c, args.load_requests, args.load_steps),
+                                 "autotune": tuned})
         results["load"] = rows
     finally:
         serve.shutdown()
@@ -247,11 +257,21 @@ def markdown(results: dict[str, Any], command: str) -> str:
             lines.append(f"| {stage} | " + " | ".join(f"{o[n]['stages_p50_ms'].get(stage, float('nan')):.2f}"
                                                    for n in VARIANTS) + " |")
     if results.get("load"):
-        lines += ["", "Load (64x64, steps as run, each request forced to its variant):", "",
-                  "| variant | concurrency | requests | req/s | p50 ms | p95 ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"Load (64x64, {results['load_steps']} steps, n 1, each request forced to its variant; the app "
+                      "deployed without, then with deploy-time autotune, from an empty autotune cache):", "",
+                  "| autotune | variant | concurrency | requests | req/s | p50 ms | p95 ms |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["load"]:
-            lines.append(f"| {r['variant']} | {r['concurrency']} | {r['requests']} | {r['rps']:.2f} | "
-                         f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
+            lines.append(f"| {'on' if r['autotune'] else 'off'} | {r['variant']} | {r['concurrency']} | "
+                         f"{r['requests']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
+        lines += ["", "What each deploy's replicas tuned at start, and the kernels their quantized layers then ran:", "",
+                  "| autotune | variant | problems | tuned | from cache | seconds | layers per kernel |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for tuned, per in results["autotune"].items():
+            for name, a in per.items():
+                lines.append(f"| {'on' if tuned == 'True' else 'off'} | {name} | {a['problems'] or '-'} | "
+                             f"{a['tuned'] or '-'} | {a['cached'] or '-'} | {a['seconds'] or '-'} | "
+                             f"{', '.join(f'{k} {v}' for k, v in sorted(a['routing'].items())) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 

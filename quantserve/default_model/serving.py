@@ -43,6 +43,7 @@ class ServedDigits(ServedPipeline):
 
     family = "digits"
     pipeline_class = CLASS_NAME
+    probe_prompt = "7"
 
     def __init__(self, pipe: Any, limits: ResolvedLimits):
         self.pipe, self.limits = pipe, limits
@@ -66,16 +67,13 @@ class ServedDigits(ServedPipeline):
         return (job["steps"], job["guidance"])
 
     def run(self, jobs: Sequence[Mapping[str, Any]], on_step: StepCallback | None = None) -> list[JobResult]:
-        from diffusers import DDIMScheduler
-
         from .pipeline import parse_prompts, to_pil
 
         pipe = self.pipe
         labels = [parse_prompts([job["prompt"]] * job["n"]) for job in jobs]
         noise = torch.cat([pipe.initial_noise(job["n"], job["seed"], None) for job in jobs])
         steps, guidance = jobs[0]["steps"], jobs[0]["guidance"]
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # per call: set_timesteps mutates state
-        scheduler.set_timesteps(steps)
+        scheduler = pipe.timed_scheduler(steps)
         x = noise * scheduler.init_noise_sigma
         y = torch.tensor([label for ls in labels for label in ls], dtype=torch.long)
         with torch.inference_mode():

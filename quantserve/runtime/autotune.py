@@ -8,9 +8,12 @@ rewrites nothing. A candidate whose output strays from the torch reference is re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,41 @@ class TuneCache:
         """Atomic write: a crash mid-write leaves the previous cache file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+
+    def reload(self) -> None:
+        """Merge what other processes wrote since this one read the file (theirs win for keys both hold)."""
+        if self.path.is_file():
+            try:
+                disk = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                return
+            for device, entries in disk.items():
+                if isinstance(entries, dict):
+                    self.data.setdefault(device, {}).update(entries)
+
+    @contextmanager
+    def locked(self, timeout_s: float) -> Iterator[bool]:
+        """Hold the cache's lock file (flock) while tuning, so replicas starting together on one machine tune once:
+        the second waits, then finds the first one's results. Yields False when the lock was not had in time."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as lock:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.2)
+            try:
+                self.reload()
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -157,33 +195,66 @@ def tune_layer(layer: QuantLinear, name: str, m: int, device: torch.device, poli
     return TuneResult(shape_key(layer, m), winner, timings, rejected)
 
 
-def autotune(model: nn.Module, m_values: list[int], device: torch.device | str | None = None,
-             cache: TuneCache | None = None, policy: KernelPolicy | None = None, progress: bool = False) -> list[TuneResult]:
-    """Tune every distinct (format, N, K, M bucket) of `model` for each M, store winners, route the model.
+Problems = dict[str, tuple[str, QuantLinear, int]]  # shape key -> (a layer's name, the layer, an M of its bucket)
 
-    Keys already in the cache are not tuned again; the cache file is written only when something new was tuned.
-    """
-    from tqdm.auto import tqdm
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    cache = cache or TuneCache()
-    entries = cache.entries(device)
-    problems: dict[str, tuple[str, QuantLinear, int]] = {}
+def model_problems(model: nn.Module, m_values: list[int]) -> Problems:
+    """Every distinct (format, N, K, M bucket) of `model`'s quantized layers at these M values."""
+    problems: Problems = {}
     for name, layer in quant_layers(model):
         for m in m_values:
             problems.setdefault(shape_key(layer, m), (name, layer, m))
-    results: list[TuneResult] = []
-    todo = {k: v for k, v in problems.items() if k not in entries}
-    for key, entry in entries.items():
-        if key in problems:
-            results.append(TuneResult(key, entry["winner"], entry.get("timings_ms", {}), entry.get("rejected", {}), True))
-    for key, (name, layer, m) in tqdm(todo.items(), desc="autotune", unit="shape", disable=not progress or not todo):
-        result = tune_layer(layer, name, m, device, policy)
-        entries[key] = {"winner": result.winner, "timings_ms": result.timings_ms, "rejected": result.rejected}
-        results.append(result)
-    if todo:
-        cache.save()
-    route(model, device, m=max(m_values), policy=policy, cache=entries)
+    return problems
+
+
+logger = logging.getLogger("quantserve.runtime")
+
+
+def tune_problems(problems: Problems, device: torch.device, cache: TuneCache, policy: KernelPolicy | None = None,
+                  progress: bool = False, budget_s: float | None = None,
+                  on_progress: Callable[[int, int, str], None] | None = None) -> tuple[list[TuneResult], list[str]]:
+    """Tune the problems the cache lacks for this device, under the cache's lock (another process tuning the same
+    cache is waited for, and its results are used), within `budget_s` seconds of tuning (None: no bound).
+    Returns (results, the keys left untuned because the budget ran out). The cache file is written only when
+    something new was tuned, and after every problem, so a replica stopped midway keeps what it tuned."""
+    from tqdm.auto import tqdm
+
+    wait_s = (budget_s if budget_s is not None else 3600.0) + 60.0
+    with cache.locked(wait_s) as have_lock:
+        entries = cache.entries(device)
+        results = [TuneResult(k, e["winner"], e.get("timings_ms", {}), e.get("rejected", {}), True)
+                   for k, e in entries.items() if k in problems]
+        todo = {k: v for k, v in problems.items() if k not in entries}
+        if not have_lock:
+            logger.warning("autotune: the cache %s stayed locked for %.0f s; tuning nothing here", cache.path, wait_s)
+            return results, list(todo)
+        start, skipped = time.monotonic(), []
+        bar = tqdm(todo.items(), desc="autotune", unit="shape", disable=not progress or not todo)
+        for i, (key, (name, layer, m)) in enumerate(bar):
+            if budget_s is not None and time.monotonic() - start >= budget_s:
+                skipped = list(todo)[i:]
+                break
+            result = tune_layer(layer, name, m, device, policy)
+            entries[key] = {"winner": result.winner, "timings_ms": result.timings_ms, "rejected": result.rejected}
+            results.append(result)
+            cache.save()
+            if on_progress is not None:
+                on_progress(i + 1, len(todo), key)
+        bar.close()
+    return results, skipped
+
+
+def autotune(model: nn.Module, m_values: list[int], device: torch.device | str | None = None,
+             cache: TuneCache | None = None, policy: KernelPolicy | None = None, progress: bool = False) -> list[TuneResult]:
+    """Tune every distinct (format, N, K, M bucket) of `model` for each M, store winners, route the model (each
+    layer runs its bucket's winner when the winners differ by M).
+
+    Keys already in the cache are not tuned again; the cache file is written only when something new was tuned.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cache = cache or TuneCache()
+    results, _ = tune_problems(model_problems(model, m_values), device, cache, policy, progress)
+    route(model, device, m=max(m_values), policy=policy, cache=cache.entries(device))
     return results
 
 

@@ -121,6 +121,21 @@ class Decision:
     reason: str
     runnable: list[str]
     rejected: dict[str, str]
+    by_bucket: dict[int, str] = field(default_factory=dict)  # M bucket -> winner, when the winners differ by M
+
+
+def tuned_buckets(cache: Mapping[str, Any], layer: QuantLinear, runnable: Iterable[str]) -> dict[int, str]:
+    """The autotune winner of every tuned M bucket of this layer's shape that can run here."""
+    prefix = shape_key(layer, 1).rsplit("|M=", 1)[0] + "|M="
+    allowed = set(runnable)
+    out = {}
+    for key, entry in cache.items():
+        if key.startswith(prefix) and isinstance(entry, Mapping) and entry.get("winner") in allowed:
+            try:
+                out[int(key[len(prefix):])] = entry["winner"]
+            except ValueError:
+                continue
+    return out
 
 
 def runnable_candidates(layer: QuantLinear, device: torch.device, name: str = "",
@@ -157,7 +172,12 @@ def choose(layer: QuantLinear, name: str, device: torch.device, m: int, policy: 
     if entry is not None and entry.get("winner") in by_name:
         timing = entry.get("timings_ms", {}).get(entry["winner"])
         why = f"autotuned: fastest for {key}" + (f" ({timing:.3f} ms)" if timing is not None else "")
-        return Decision(name, entry["winner"], why, list(by_name), rejected)
+        buckets = tuned_buckets(cache or {}, layer, by_name)
+        if len(set(buckets.values())) > 1:
+            why += "; by M bucket: " + ", ".join(f"{b} {w}" for b, w in sorted(buckets.items()))
+        else:
+            buckets = {}
+        return Decision(name, entry["winner"], why, list(by_name), rejected, buckets)
     return Decision(name, ok[0].name, "fixed preference (no autotune entry)", list(by_name), rejected)
 
 
@@ -169,6 +189,8 @@ def route(model: nn.Module, device: torch.device | str | None = None, m: int = 1
     for name, layer in quant_layers(model):
         decision = choose(layer, name, device, m, policy, cache)
         layer.set_kernel(decision.kernel, registry.candidate(decision.kernel).kernel, decision.reason)
+        if decision.by_bucket:
+            layer.set_bucket_kernels({b: (w, registry.candidate(w).kernel) for b, w in decision.by_bucket.items()})
         decisions.append(decision)
     return decisions
 

@@ -18,6 +18,7 @@ from .gemm_probe import GemmProbe
 from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
 from .metrics import VariantMetrics
 from .protocol import ClientError, GenerationCancelled
+from .tuning import tune_on_start
 
 
 def _batch_images(jobs: list[dict[str, Any]]) -> int:
@@ -35,6 +36,8 @@ class Diffusion:
         torch.set_num_threads(self.config.resources.torch_threads)
         field = f"variants.{index}.model" if index is not None else f"variants[{self.config.name}].model"
         self.loaded = load_variant(self.config, ResolvedLimits.from_dict(limits) if limits else None, field)
+        # tune what the cache lacks for this device (the second replica of a variant finds the first one's results)
+        self.loaded.tuning = tune_on_start(self.loaded.engine, self.config, self.loaded.device)
         self.probe = GemmProbe(self.loaded.engine.modules, self.config.gemm_sample_every)
         self.generator = BatchGenerator(self.loaded, self.probe)
         self.generator.health()  # fail the start, not the first request, when the model cannot compute

@@ -87,7 +87,9 @@ class GemmProbe:
                 x = args[0]
                 k, n = module.in_features, module.out_features
                 m = x.numel() // k if k else 0
-                sample = results.setdefault(key, GemmSample(*key))
+                by_m = getattr(module, "kernel_for", None)  # a QuantLinear may run another kernel at this M
+                ran = (key[0], by_m(m)[0]) if by_m is not None else key
+                sample = results.setdefault(ran, GemmSample(*ran))
                 sample.calls += 1
                 sample.flops += 2.0 * m * k * n
                 sample.seconds += elapsed

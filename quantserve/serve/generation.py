@@ -51,6 +51,7 @@ class LoadedVariant:
     source: ModelSource
     limits: ResolvedLimits
     device: str
+    tuning: dict[str, Any] = field(default_factory=lambda: {"on_start": False})  # serve/tuning.py's summary
 
     @property
     def report(self) -> Any:
@@ -102,9 +103,26 @@ class LoadedVariant:
                 "formats": dict(Counter(layer.fmt for layer in layers)),
                 "kernel_reasons": dict(Counter(layer.reason for layer in report.quantized_layers if layer.reason)),
             },
+            "routing": self.routing(),
+            "autotune": self.tuning,
             **({"components": components} if components else {}),
             **engine.info(),
         }
+
+
+    def routing(self) -> dict[str, Any]:
+        """What the quantized layers run now (after any deploy-time autotune): layers per kernel, and where the
+        winners differ by M, layers per (M bucket, kernel)."""
+        from quantserve.runtime.router import quant_layers
+
+        kernels: Counter[str] = Counter()
+        by_m: dict[int, Counter[str]] = {}
+        for module in self.engine.modules:
+            for _, layer in quant_layers(module):
+                kernels[layer.kernel_name] += 1
+                for bucket, (name, _) in layer.by_bucket.items():
+                    by_m.setdefault(bucket, Counter())[name] += 1
+        return {"kernels": dict(kernels), "by_m_bucket": {str(b): dict(c) for b, c in sorted(by_m.items())}}
 
 
 def _component_info(report: Any, config: Any) -> dict[str, Any]:

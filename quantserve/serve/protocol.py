@@ -165,6 +165,8 @@ class ServedPipeline(ABC):
     modules: Sequence[Any]
     #: the load report: LoadReport or PipelineReport (backend, scheme, layers, model_bytes, bf16_bytes, seconds, ...)
     report: Any
+    #: a prompt this pipeline accepts, for the deploy-time autotune's probe generation (serve/tuning.py)
+    probe_prompt: ClassVar[str] = "a red apple on a wooden table"
 
     @abstractmethod
     def normalize(self, job: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,14 @@ def test_models_lists_every_variant_with_scheme_bytes_and_kernels(app: RunningAp
     assert nf4["layers"]["quantized"] == nf4["layers"]["total"] > 0
     assert sum(nf4["layers"]["kernels"].values()) == nf4["layers"]["total"]
     assert bf16["layers"]["kernels"] == {"torch": bf16["layers"]["total"]}
+    # deploy-time autotune (issue 13): the nf4 replica tuned its layer shapes at start (or found them in the shared
+    # cache), and every quantized layer runs a kernel now; the unquantized variant has nothing to tune
+    tuned = nf4["autotune"]
+    assert tuned["on_start"] is True and tuned["problems"] > 0 and tuned["over_budget"] == 0
+    assert tuned["tuned"] + tuned["cached"] == tuned["problems"] == len(tuned["winners"])
+    assert all(key.startswith("bnb4:") or "|M=" in key for key in tuned["winners"])
+    assert sum(nf4["routing"]["kernels"].values()) == nf4["layers"]["quantized"]
+    assert bf16["autotune"]["problems"] == 0 and bf16["routing"]["kernels"] == {}
 
 
 def test_health_and_readiness(app: RunningApp) -> None:
