@@ -7,7 +7,7 @@ with exactly the torch reference's values, then either
   choice for M <= GEMV_MAX_M: a weight-bandwidth-bound GEMV that reads each packed byte once per activation row),
 - decodes a panel of rows once, a chunk of K at a time, into an L1/L2-sized bf16 buffer and multiplies it against all
   activation rows with AMX tiles, AVX512-BF16 dot products or portable float32 code (path "gemm", csrc/qs_gemm.c;
-  `linear`'s choice for bf16 activations with GEMV_MAX_M < M <= GEMM_MAX_M where AMX or AVX512-BF16 runs), or
+  `linear`'s choice for bf16 activations from 2 to GEMM_MAX_M rows where AMX runs: `_auto_path`), or
 - writes a slab of rows in the activation dtype into a small reused buffer that torch's GEMM (oneDNN/MKL) consumes
   while it is cache-hot (path "slab", `linear`'s choice for larger M: the dense weight never exists whole).
 
@@ -65,7 +65,7 @@ from .formats import (
 )
 
 GEMV_MAX_M = 4           # activation rows up to which the fused GEMV runs; above, the GEMM or slabs
-GEMM_MAX_M = 64          # bf16 activation rows up to which "auto" runs the fused GEMM (AMX / AVX512-BF16); above, slabs
+GEMM_MAX_M = 256         # bf16 activation rows up to which "auto" runs the fused GEMM on AMX; above, slabs
 GEMM_LIMIT_M = 256       # the most rows qs_gemm takes in one call ("gemm" splits larger inputs)
 GEMM_ENV = "QUANTSERVE_CPU_GEMM"
 GEMM_PATHS = {"auto": GEMM_AUTO, "amx": GEMM_AMX, "avx512bf16": GEMM_DPBF16, "portable": GEMM_PORTABLE}
@@ -286,8 +286,7 @@ def gemm_decoder(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> s
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
     """y = x @ dequant(W).T + bias in x's dtype. path "gemv": the fused GEMV; "gemm": the fused GEMM (`gemm_path`);
-    "slab": slab dequantize plus torch's GEMM; "auto": the GEMV for M <= GEMV_MAX_M rows, the GEMM for bf16
-    activations up to GEMM_MAX_M rows where it runs on AMX or AVX512-BF16, else slabs."""
+    "slab": slab dequantize plus torch's GEMM; "auto": the fastest of them for this M as measured (`_auto_path`)."""
     if path not in PATHS:
         raise ValueError(f"path: {path!r}; accepted: {', '.join(map(repr, PATHS))}")
     desc = descriptor(packed)
@@ -300,12 +299,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if path == "auto":
-        if m <= GEMV_MAX_M:
-            path = "gemv"
-        elif m <= GEMM_MAX_M and x2.dtype == torch.bfloat16 and gemm_path(x2.dtype) != "portable":
-            path = "gemm"
-        else:
-            path = "slab"
+        path = _auto_path(packed, m, x2.dtype)
     if path == "gemv":
         y = _gemv(desc, x2, bias)
     elif path == "gemm":
@@ -313,6 +307,18 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     else:
         y = _slab_matmul(desc, x2, bias)
     return y.reshape(*lead, n)
+
+
+def _auto_path(packed: PackedWeight, m: int, dtype: torch.dtype) -> str:
+    """`linear`'s path "auto", from measurements on a 2-core Xeon with AMX (benchmarks/kernels_cpu.md): with bf16
+    activations where the GEMM runs on AMX, the GEMM from 5 rows to GEMM_MAX_M (and from 2 rows where the weight has
+    a direct chunk decoder; the GEMV wins at 1 row, and at 2 to 4 over the generic decoder), slabs above; elsewhere
+    (float32/float16 activations; AVX512-BF16 or no bf16 matmul, where the GEMM lost to torch's GEMM as measured)
+    the GEMV up to GEMV_MAX_M rows, slabs above."""
+    if m > 1 and m <= GEMM_MAX_M and dtype == torch.bfloat16 and gemm_path(dtype) == "amx":
+        if m > GEMV_MAX_M or gemm_decoder(packed) != "generic":
+            return "gemm"
+    return "gemv" if m <= GEMV_MAX_M else "slab"
 
 
 def _gemm(desc: Descriptor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,8 +3,8 @@
 - "native": the backend's own kernel (`QuantizedWeight.linear`), offered only where the weight class has one;
 - "reference": dequantize with torch, then a dense matmul (always runs: the yardstick);
 - "triton_fused": Triton's fused dequantize-matmul (split-K for M <= 16, tiled above);
-- "cpu_fused": the native CPU kernels' path "auto": the fused dequantize-GEMV (M <= 4), the fused dequantize-GEMM
-  (bf16 activations, M <= 64, where AMX or AVX512-BF16 runs), slabs above;
+- "cpu_fused": the native CPU kernels' path "auto": the fused dequantize-GEMV (M = 1, or up to 4), the fused
+  dequantize-GEMM (bf16 activations, M up to 256, where AMX runs), slabs above;
 - "cpu_gemm": the native CPU kernels' fused dequantize-GEMM at any M (a panel of weight rows decoded once into an
   L1/L2-sized bf16 buffer, multiplied against every activation row on AMX, AVX512-BF16 or portable float32 code);
 - "triton_dequant": Triton dequantizes the weight to the activation dtype, torch runs the matmul;
@@ -135,7 +135,7 @@ def builtins() -> tuple[Candidate, ...]:
         (TRITON_FUSED, triton_fused_kernel, can_run_triton,
          "Triton fused dequantize-matmul (split-K for M <= 16, tiled above)"),
         (CPU_FUSED, cpu_fused_kernel, can_run_cpu,
-         "CPU fused dequantize-GEMV up to 4 rows, fused GEMM (bf16) up to 64, slabs above (C, SIMD, OpenMP)"),
+         "CPU fused dequantize-GEMV, fused GEMM (bf16 on AMX) up to 256 rows, slabs above (C, SIMD, OpenMP)"),
         (CPU_GEMM, cpu_gemm_kernel, can_run_cpu,
          "CPU fused dequantize-GEMM: bf16 panels decoded once, AMX / AVX512-BF16 / portable matmul (C, OpenMP)"),
         (TRITON_DEQUANT, triton_dequant_kernel, can_run_triton, "Triton dequantize, then a dense matmul"),

@@ -172,22 +172,28 @@ def test_the_three_paths_agree(packed_weights, monkeypatch):
 
 def test_auto_runs_the_gemm_between_the_gemv_and_the_slabs(packed_weights, monkeypatch):
     monkeypatch.delenv(cpu.GEMM_ENV, raising=False)
-    packed = packed_weights("gguf_Q4_K_k512")
+    amx = cpu.gemm_path() == "amx"
     g = _gen(8)
-    bias = torch.randn(33, generator=g).to(torch.bfloat16)
-    for m, path in ((cpu.GEMV_MAX_M, "gemv"), (cpu.GEMV_MAX_M + 1, "gemm"), (cpu.GEMM_MAX_M, "gemm"),
-                    (cpu.GEMM_MAX_M + 1, "slab")):
-        x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
-        if path == "gemm" and cpu.gemm_path() == "portable":
-            path = "slab"  # no bf16 matmul on this CPU: auto keeps the slabs
-        expected = cpu.linear(x, packed, bias, path=path)
-        assert torch.equal(cpu.linear(x, packed, bias), expected), (m, path)
-    x = torch.randn(3, 6, 512, generator=g).to(torch.bfloat16)  # leading dims: 18 rows
-    assert torch.equal(cpu.linear(x, packed, bias), cpu.linear(x.reshape(18, 512), packed, bias, path="gemm").reshape(3, 6, 33)
-                       if cpu.gemm_path() != "portable" else cpu.linear(x, packed, bias, path="slab"))
-    # float32 activations never take the bf16 GEMM
-    x = torch.randn(9, 512, generator=g)
-    assert torch.equal(cpu.linear(x, packed, None), cpu.linear(x, packed, None, path="slab"))
+    for name, small in (("gguf_Q4_K_k512", "gemm"), ("nvfp4_k64", "gemv")):  # a chunk decoder; the generic one
+        packed = packed_weights(name)
+        n, k = packed.shape
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        for m, path in ((1, "gemv"), (2, small), (cpu.GEMV_MAX_M, small), (cpu.GEMV_MAX_M + 1, "gemm"),
+                        (cpu.GEMM_MAX_M, "gemm"), (cpu.GEMM_MAX_M + 1, "slab")):
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            if not amx:  # without AMX, auto keeps the GEMV and the slabs
+                path = "gemv" if m <= cpu.GEMV_MAX_M else "slab"
+            assert torch.equal(cpu.linear(x, packed, bias), cpu.linear(x, packed, bias, path=path)), (name, m, path)
+        x = torch.randn(3, 6, k, generator=g).to(torch.bfloat16)  # leading dims: 18 rows
+        expected = cpu.linear(x.reshape(18, k), packed, bias, path="gemm" if amx else "slab").reshape(3, 6, n)
+        assert torch.equal(cpu.linear(x, packed, bias), expected)
+        # float32 activations never take the bf16 GEMM
+        x = torch.randn(9, k, generator=g)
+        assert torch.equal(cpu.linear(x, packed, None), cpu.linear(x, packed, None, path="slab"))
+    monkeypatch.setenv(cpu.GEMM_ENV, "portable")  # a forced portable GEMM: auto as without AMX
+    x = torch.randn(9, 512, generator=g).to(torch.bfloat16)
+    packed = packed_weights("gguf_Q4_K_k512")
+    assert torch.equal(cpu.linear(x, packed), cpu.linear(x, packed, path="slab"))
 
 
 def test_more_rows_than_one_call_takes_and_strided_inputs(packed_weights):

@@ -184,10 +184,20 @@ static inline __m512i table_dup(__m512 t, int32_t round_dtype) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
 }
 
+/* a 16-entry table in entries 0-15 (indices must then be below 16) */
+static inline __m512i table_lo(__m512 t, int32_t round_dtype) {
+    if (round_dtype == QS_F16) t = round_f16_v(t);
+    return _mm512_zextsi256_si512(bf16x16(t));
+}
+
 /* two 16-entry tables: entries 0-15 and 16-31 */
 static inline __m512i table_two(__m512 a, __m512 b, int32_t round_dtype) {
     if (round_dtype == QS_F16) { a = round_f16_v(a); b = round_f16_v(b); }
     return _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16(a)), bf16x16(b), 1);
+}
+
+static inline int64_t dtype_size(int32_t dtype) {
+    return dtype == QS_F32 || dtype == QS_I32 ? 4 : dtype == QS_I8 || dtype == QS_U8 ? 1 : 2;
 }
 
 static const float INT4_SIGNED_T[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
@@ -259,42 +269,64 @@ static inline __attribute__((always_inline)) __m512 nib_table(const nib_src *s, 
 }
 
 /* 4-bit codes, two a byte (bnb, ModelOpt: high nibble the even column; torchao: the low one), 64 columns at a time;
- * one table per group of w->group columns (32: two tables a step) */
-static inline __attribute__((always_inline)) void chunk_nib_fmt(const qs_weight *w, const int fmt, int64_t n,
-                                                                int64_t k0, int64_t kc, uint16_t *dst) {
+ * one table per group of w->group columns (32: two tables a step). Rows [n0, n0 + rows), columns [k0, k0 + kc),
+ * into dst (row stride ld); the next chunk of each row is prefetched. */
+static inline __attribute__((always_inline)) void chunk_nib_fmt(const qs_weight *w, const int fmt, int64_t n0,
+                                                                int rows, int64_t k0, int64_t kc, uint16_t *dst,
+                                                                int64_t ld) {
     const int64_t k = w->k, g = w->group;
-    const uint8_t *q = fmt == QS_FMT_BNB4 ? w->data + n * k / 2 : w->data + n * w->data_stride;
     const int hi_first = fmt != QS_FMT_INT4_GROUPED, f16 = w->round_dtype == QS_F16;
     const nib_src src = nib_source(w, fmt);
     /* the group of column k0: groups are numbered per row for torchao, over the flat weight otherwise (k0 is a
      * multiple of 64, and so of g when g is 32) */
     const int pow2 = !(g & (g - 1)), gs = __builtin_ctzll((unsigned long long)g);
-    int64_t gi = pow2 ? k0 >> gs : k0 / g, left = g - (pow2 ? k0 & (g - 1) : k0 % g);
-    if (fmt != QS_FMT_INT4_GROUPED) gi += n * (pow2 ? k >> gs : k / g);
+    const int64_t g0 = pow2 ? k0 >> gs : k0 / g, left0 = g - (pow2 ? k0 & (g - 1) : k0 % g);
+    const int64_t per_row = fmt == QS_FMT_INT4_GROUPED ? 0 : (pow2 ? k >> gs : k / g);
+    const int64_t stride = fmt == QS_FMT_BNB4 ? k / 2 : w->data_stride;
+    const int next = k0 + kc < k;
     const __m512i second_group = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
     const __m512i low4 = _mm512_set1_epi16(0x0F);
-    for (int64_t c = k0; c < k0 + kc; c += 64, dst += 64) {
-        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + c / 2)));
-        __m512i h = _mm512_srli_epi16(b, 4), tab;
-        if (g == 32) { /* bytes 16-31 hold the next group's codes: their indices select entries 16-31 */
-            tab = table_two(nib_table(&src, fmt, n, gi), nib_table(&src, fmt, n, gi + 1), f16 ? QS_F16 : QS_F32);
-            gi += 2;
-            h = _mm512_or_si512(h, second_group);
-            b = _mm512_ternarylogic_epi32(b, low4, second_group, 0xEA); /* (b & 15) | group */
-        } else {
-            tab = table_dup(nib_table(&src, fmt, n, gi), f16 ? QS_F16 : QS_F32);
-            if ((left -= 64) == 0) { gi++; left = g; }
+    for (int r = 0; r < rows; r++, dst += ld) {
+        const int64_t n = n0 + r;
+        const uint8_t *q = w->data + n * stride;
+        int64_t gi = n * per_row + g0, left = left0;
+        if (next) {
+            for (int64_t c = k0 + kc; c < k0 + 2 * kc && c < k; c += 128) _mm_prefetch((const char *)(q + c / 2), _MM_HINT_T0);
+            if (src.absmax) _mm_prefetch((const char *)(src.absmax + gi + (kc >> gs)), _MM_HINT_T0);
+            if (fmt == QS_FMT_INT4_GROUPED) { /* the next chunk's scales and zero points */
+                const int64_t at = n * src.ssn + (gi + (pow2 ? kc >> gs : kc / g)) * src.ssg;
+                _mm_prefetch((const char *)src.scale + at * dtype_size(src.scale_dtype), _MM_HINT_T0);
+                _mm_prefetch((const char *)src.zero + at * dtype_size(src.zero_dtype), _MM_HINT_T0);
+            }
         }
-        _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(hi_first ? h : b, tab));
-        _mm512_storeu_si512(dst + 32, _mm512_permutexvar_epi16(hi_first ? b : h, tab));
+        uint16_t *o = dst;
+        __m512i tab = _mm512_setzero_si512();
+        int fresh = 1; /* the group changed: make its table */
+        for (int64_t c = k0; c < k0 + kc; c += 64, o += 64) {
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + c / 2)));
+            __m512i h = _mm512_srli_epi16(b, 4);
+            if (g == 32) { /* bytes 16-31 hold the next group's codes: their indices select entries 16-31 */
+                tab = table_two(nib_table(&src, fmt, n, gi), nib_table(&src, fmt, n, gi + 1), f16 ? QS_F16 : QS_F32);
+                gi += 2;
+                h = _mm512_or_si512(h, second_group);
+                b = _mm512_ternarylogic_epi32(b, low4, second_group, 0xEA); /* (b & 15) | group */
+            } else { /* one table in entries 0-15: the low nibbles masked (a vector AND, off the shuffle port) */
+                if (fresh) tab = table_lo(nib_table(&src, fmt, n, gi), f16 ? QS_F16 : QS_F32);
+                b = _mm512_and_si512(b, low4);
+                fresh = (left -= 64) == 0;
+                if (fresh) { gi++; left = g; }
+            }
+            _mm512_storeu_si512(o, _mm512_permutexvar_epi16(hi_first ? h : b, tab));
+            _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(hi_first ? b : h, tab));
+        }
     }
 }
 
-static void chunk_nib(const qs_weight *w, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
+static void chunk_nib(const qs_weight *w, int64_t n0, int rows, int64_t k0, int64_t kc, uint16_t *dst, int64_t ld) {
     switch (w->fmt) {
-    case QS_FMT_BNB4: chunk_nib_fmt(w, QS_FMT_BNB4, n, k0, kc, dst); break;
-    case QS_FMT_INT4_GROUPED: chunk_nib_fmt(w, QS_FMT_INT4_GROUPED, n, k0, kc, dst); break;
-    default: chunk_nib_fmt(w, QS_FMT_INT4_BLOCKS, n, k0, kc, dst); break;
+    case QS_FMT_BNB4: chunk_nib_fmt(w, QS_FMT_BNB4, n0, rows, k0, kc, dst, ld); break;
+    case QS_FMT_INT4_GROUPED: chunk_nib_fmt(w, QS_FMT_INT4_GROUPED, n0, rows, k0, kc, dst, ld); break;
+    default: chunk_nib_fmt(w, QS_FMT_INT4_BLOCKS, n0, rows, k0, kc, dst, ld); break;
     }
 }
 
@@ -310,11 +342,28 @@ static void chunk_int8(const qs_weight *w, int64_t n, int64_t k0, int64_t kc, ui
     }
 }
 
-/* float8: the code's value, exact in bf16 */
+/* float8: the code's value, exact in bf16, looked up by its 7 magnitude bits in a 128-entry bf16 table (the four
+ * 32-entry quarters of the table in four registers; bit 6 picks the pair), then given the code's sign */
 static void chunk_fp8(const qs_weight *w, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
-    const uint8_t *q = w->data + n * w->data_stride + k0;
+    static uint16_t tables[2][128] __attribute__((aligned(64)));
+    static int ready[2];
     const int e5m2 = w->kind == 1;
-    for (int64_t i = 0; i < kc; i += 32) _mm512_storeu_si512(dst + i, bf16x32(fp8x16(q + i, e5m2), fp8x16(q + i + 16, e5m2)));
+    if (!__atomic_load_n(&ready[e5m2], __ATOMIC_ACQUIRE)) { /* the same values from every thread: a benign race */
+        for (int i = 0; i < 128; i++) tables[e5m2][i] = float_to_bf16_bits(fp8_to_float((uint8_t)i, e5m2));
+        __atomic_store_n(&ready[e5m2], 1, __ATOMIC_RELEASE);
+    }
+    const uint16_t *t = tables[e5m2];
+    const __m512i t0 = _mm512_load_si512(t), t1 = _mm512_load_si512(t + 32), t2 = _mm512_load_si512(t + 64),
+                  t3 = _mm512_load_si512(t + 96);
+    const __m512i low7 = _mm512_set1_epi16(0x7F), bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16((short)0x8000);
+    const uint8_t *q = w->data + n * w->data_stride + k0;
+    for (int64_t i = 0; i < kc; i += 32) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + i)));
+        const __m512i mag = _mm512_and_si512(b, low7);
+        const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, bit6), _mm512_permutex2var_epi16(t0, mag, t1),
+                                                  _mm512_permutex2var_epi16(t2, mag, t3));
+        _mm512_storeu_si512(dst + i, _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(b, 8), sign, 0xF8)); /* v | (b<<8 & sign) */
+    }
 }
 
 #ifdef QS_GGUF_AVX512
@@ -341,21 +390,29 @@ static void chunk_q8_0(const qs_weight *w, int64_t n, int64_t k0, int64_t kc, ui
     }
 }
 
-/* Q4_K: (d * sc) * q - dmin * m per 32 weights; 64 weights share 32 code bytes (low nibbles, then high ones) */
+/* Q4_K: (d * sc) * q - dmin * m per 32 weights; 64 weights share 32 code bytes (low nibbles, then high ones). The
+ * eight d * sc and dmin * m of a block at once; the two tables of 64 weights in one 32-entry VPERMW table. */
 static void chunk_q4_k(const qs_weight *w, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
     const uint8_t *b = w->data + n * w->data_stride + k0 / 256 * 144;
     const __m512 nib = _mm512_loadu_ps(NIB_F);
+    const __m512i low4 = _mm512_set1_epi16(0x0F), sixteen = _mm512_set1_epi16(16);
     for (int64_t i = 0; i < kc; i += 256, b += 144) {
-        const float d = h2f_hw(b), dmin = h2f_hw(b + 2);
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++) k_scale_min(b + 4, j, &sc[j], &mn[j]);
+        float ds[8], dm[8];
+        uint64_t sc8, mn8;
+        memcpy(&sc8, sc, 8);
+        memcpy(&mn8, mn, 8);
+        _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(h2f_hw(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8)))));
+        _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(h2f_hw(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8)))));
         for (int g = 0; g < 4; g++) {
-            uint8_t sc0, m0, sc1, m1;
-            k_scale_min(b + 4, 2 * g, &sc0, &m0);
-            k_scale_min(b + 4, 2 * g + 1, &sc1, &m1);
-            const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc0), nib), _mm512_set1_ps(dmin * (float)m0));
-            const __m512 t1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc1), nib), _mm512_set1_ps(dmin * (float)m1));
+            const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds[2 * g]), nib), _mm512_set1_ps(dm[2 * g]));
+            const __m512 t1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds[2 * g + 1]), nib), _mm512_set1_ps(dm[2 * g + 1]));
+            const __m512i tab = bf16x32(t0, t1);
             const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 16 + 32 * g)));
-            _mm512_storeu_si512(dst + i + 64 * g, _mm512_permutexvar_epi16(q, table_dup(t0, QS_F32)));
-            _mm512_storeu_si512(dst + i + 64 * g + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table_dup(t1, QS_F32)));
+            _mm512_storeu_si512(dst + i + 64 * g, _mm512_permutexvar_epi16(_mm512_and_si512(q, low4), tab));
+            _mm512_storeu_si512(dst + i + 64 * g + 32,
+                                _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(q, 4), sixteen), tab));
         }
     }
 }
@@ -384,15 +441,6 @@ static inline void prefetch_range(const void *p, int64_t bytes) {
 static void prefetch_chunk(const qs_weight *w, int kind, int64_t n, int64_t c0, int64_t kc) {
     const uint8_t *row = w->data + n * w->data_stride;
     switch (kind) {
-    case DEC_NIB:
-        if (w->fmt == QS_FMT_BNB4) {
-            const int64_t f = n * w->k + c0;
-            prefetch_range(w->data + f / 2, kc / 2);
-            _mm_prefetch((const char *)w->scale + (f / w->group) * (w->nested_map ? 1 : 4), _MM_HINT_T0);
-        } else {
-            prefetch_range(row + c0 / 2, kc / 2);
-        }
-        break;
     case DEC_INT8: case DEC_FP8: prefetch_range(row + c0, kc); break;
     case DEC_Q4_0: prefetch_range(row + c0 / 32 * 18, kc / 32 * 18); break;
     case DEC_Q8_0: prefetch_range(row + c0 / 32 * 34, kc / 32 * 34); break;
@@ -406,16 +454,23 @@ static void prefetch_chunk(const qs_weight *w, int kind, int64_t n, int64_t c0, 
  * `scratch`: k floats (the generic decoder's row). 0, or -1 when a row does not decode. */
 static int decode_panel_bf16(const qs_weight *w, const plan_t *p, int64_t n0, int nb, int64_t k0, int64_t kc,
                              uint16_t *panel, int64_t ld, float *scratch) {
+#ifdef QS_AVX512
+    if (p->kind == DEC_NIB) { /* all rows in one call: its setup once per chunk */
+        const int rows = (int)(w->n - n0 < nb ? w->n - n0 : nb);
+        chunk_nib(w, n0, rows, k0, kc, panel, ld);
+        for (int r = rows; r < nb; r++) memset(panel + r * ld, 0, (size_t)kc * 2);
+        return 0;
+    }
+#endif
     for (int r = 0; r < nb; r++) {
         const int64_t n = n0 + r;
         uint16_t *dst = panel + r * ld;
         if (n >= w->n) { memset(dst, 0, (size_t)kc * 2); continue; }
 #ifdef QS_AVX512
-        if (p->kind != DEC_GENERIC && k0 + kc < w->k) prefetch_chunk(w, p->kind, n, k0 + kc, kc);
+        if (p->kind != DEC_GENERIC && k0 + 2 * kc < w->k) prefetch_chunk(w, p->kind, n, k0 + 2 * kc, kc);
 #endif
         switch (p->kind) {
 #ifdef QS_AVX512
-        case DEC_NIB: chunk_nib(w, n, k0, kc, dst); break;
         case DEC_INT8: chunk_int8(w, n, k0, kc, dst); break;
         case DEC_FP8: chunk_fp8(w, n, k0, kc, dst); break;
 #ifdef QS_GGUF_AVX512
@@ -552,6 +607,57 @@ static void amx_chunk(const uint16_t *panel, int64_t ld, int nb, const uint16_t 
             if (both) { _tile_stored(2, c00 + 16, ldc); _tile_stored(3, c10 + 16, ldc); }
         }
     }
+}
+
+/* the tile products of two 16-row weight tiles (A at a and a + 16 rows, stride lda) over columns [0, len) of the
+ * chunk into C0 and C1, the activation tile's pairs at b: two independent accumulation chains, two A and two B
+ * registers in turn (a load need not wait for the product before it) */
+#define QS_AMX_ROW_TILES(C0, C1, a, b, len, lda, ld)                                                                \
+    for (int64_t kk = 0; kk < (len); kk += 32) {                                                                    \
+        if ((kk & 32) == 0) {                                                                                       \
+            _tile_loadd(6, (b) + kk * 16, 64);                                                                      \
+            _tile_loadd(4, (a) + kk, (lda));                                                                        \
+            _tile_dpbf16ps(C0, 4, 6);                                                                               \
+            _tile_loadd(5, (a) + 16 * (ld) + kk, (lda));                                                            \
+            _tile_dpbf16ps(C1, 5, 6);                                                                               \
+        } else {                                                                                                    \
+            _tile_loadd(7, (b) + kk * 16, 64);                                                                      \
+            _tile_loadd(4, (a) + kk, (lda));                                                                        \
+            _tile_dpbf16ps(C0, 4, 7);                                                                               \
+            _tile_loadd(5, (a) + 16 * (ld) + kk, (lda));                                                            \
+            _tile_dpbf16ps(C1, 5, 7);                                                                               \
+        }                                                                                                           \
+    }
+
+/* One panel on AMX: decode, a chunk at a time, and multiply. Each 16 (or 32) decoded rows go to the tiles at once, so
+ * the tile unit multiplies them while the vector units decode the next rows. With one activation tile (M <= 16) and
+ * 64 rows the four accumulator tiles stay in registers across the whole of K. */
+static int amx_panel(const qs_weight *w, const plan_t *p, int64_t n0, int nb, const uint16_t *xv, int64_t kp,
+                     int64_t mp, int64_t kc, uint16_t *panel, float *scratch, float *acc) {
+    const int mt = (int)(mp / 16);
+    const size_t lda = (size_t)kc * 2, ldc = (size_t)mp * 4;
+    if (mt == 1 && nb == 64) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t k0 = 0; k0 < kp; k0 += kc) {
+            const int64_t len = kp - k0 < kc ? kp - k0 : kc;
+            const uint16_t *b = xv + k0 * 16;
+            if (decode_panel_bf16(w, p, n0, 32, k0, len, panel, kc, scratch) != 0) return -1;
+            QS_AMX_ROW_TILES(0, 1, panel, b, len, lda, kc)
+            if (decode_panel_bf16(w, p, n0 + 32, 32, k0, len, panel + 32 * kc, kc, scratch) != 0) return -1;
+            QS_AMX_ROW_TILES(2, 3, panel + 32 * kc, b, len, lda, kc)
+        }
+        _tile_stored(0, acc, ldc); _tile_stored(1, acc + 16 * mp, ldc);
+        _tile_stored(2, acc + 32 * mp, ldc); _tile_stored(3, acc + 48 * mp, ldc);
+        return 0;
+    }
+    for (int64_t k0 = 0; k0 < kp; k0 += kc) {
+        const int64_t len = kp - k0 < kc ? kp - k0 : kc;
+        for (int r0 = 0; r0 < nb; r0 += 32) {
+            if (decode_panel_bf16(w, p, n0 + r0, 32, k0, len, panel + r0 * kc, kc, scratch) != 0) return -1;
+            amx_chunk(panel + r0 * kc, kc, 32, xv, kp, mp, k0, len, acc + r0 * mp, k0 == 0);
+        }
+    }
+    return 0;
 }
 
 /* rows (mp x kp bf16) -> bf16 pairs: xv[r / 16][p][r % 16] = the pair (rows[r][2p], rows[r][2p + 1]) */
@@ -708,7 +814,8 @@ int qs_gemm(const qs_weight *w, const void *x, int32_t x_dtype, int64_t m, void 
 #ifdef QS_AMX
         if (!failed && path == QS_GEMM_AMX) amx_configure();
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic) /* panels to whichever thread is free: on a busy machine one descheduled thread
+                                    does not hold the whole call */
         for (int64_t pi = 0; pi < panels; pi++) {
             if (failed) continue;
             const int64_t n0 = pi * nb;
@@ -723,16 +830,17 @@ int qs_gemm(const qs_weight *w, const void *x, int32_t x_dtype, int64_t m, void 
                 if (failed) continue;
                 portable_panel(pf, nb, (const float *)xs, kp, mp, acc);
             } else {
-                for (int64_t k0 = 0; k0 < kp && !failed; k0 += kc) {
+#ifdef QS_AMX
+                if (path == QS_GEMM_AMX &&
+                    amx_panel(w, &plan, n0, nb, (const uint16_t *)xv, kp, mp, kc, (uint16_t *)panel, scratch, acc) != 0)
+                    failed = 1;
+#endif
+                for (int64_t k0 = 0; k0 < kp && !failed && path != QS_GEMM_AMX; k0 += kc) {
                     const int64_t len = kp - k0 < kc ? kp - k0 : kc;
                     if (decode_panel_bf16(w, &plan, n0, nb, k0, len, (uint16_t *)panel, kc, scratch) != 0) {
                         failed = 1;
                         break;
                     }
-#ifdef QS_AMX
-                    if (path == QS_GEMM_AMX)
-                        amx_chunk((const uint16_t *)panel, kc, nb, (const uint16_t *)xv, kp, mp, k0, len, acc, k0 == 0);
-#endif
 #ifdef QS_DPBF16
                     if (path == QS_GEMM_DPBF16)
                         dpbf16_chunk((const uint16_t *)panel, kc, nb, (const uint16_t *)xs, kp, mp, k0, len,
