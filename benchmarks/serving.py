@@ -269,8 +269,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
                   "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
         for tuned, per in results["autotune"].items():
             for name, a in per.items():
-                lines.append(f"| {'on' if tuned == 'True' else 'off'} | {name} | {a['problems'] or '-'} | "
-                             f"{a['tuned'] or '-'} | {a['cached'] or '-'} | {a['seconds'] or '-'} | "
+                def cell(value: Any) -> str:
+                    return "-" if value is None else str(value)
+
+                lines.append(f"| {'on' if tuned == 'True' else 'off'} | {name} | {cell(a['problems'])} | "
+                             f"{cell(a['tuned'])} | {cell(a['cached'])} | {cell(a['seconds'])} | "
                              f"{', '.join(f'{k} {v}' for k, v in sorted(a['routing'].items())) or 'none'} |")
     return "\n".join(lines) + "\n"
 
