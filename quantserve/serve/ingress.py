@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -181,6 +182,7 @@ class Ingress:
         if auth.get("docs"):
             app.openapi_url, app.docs_url = "/openapi.json", "/docs"
             app.setup()  # FastAPI adds its docs routes for the URLs set
+        torch.set_num_threads(1)  # the Ingress's only torch work: the shadows' small SSIM convolutions
         self.router = ABRouter({n: v["scheme"] for n, v in variants.items()},
                                {n: v["deployment"] for n, v in variants.items()},
                                {n: v["handle"] for n, v in variants.items()}, retry_after_s)

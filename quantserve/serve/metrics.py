@@ -8,6 +8,7 @@ deployment, replica and application.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -15,6 +16,8 @@ MODEL_TAGS = ("variant", "backend", "scheme", "kernel")
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 DIFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
+PSNR_BUCKETS = [10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0, 100.0]  # dB; identical images count as 100
+SSIM_BUCKETS = [0.25, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0]  # Ray wants positive bounds: SSIM <= 0.25 (even negative) lands in the first
 
 
 class VariantMetrics:
@@ -61,6 +64,16 @@ class RouterMetrics:
         self.shadow_diff = Histogram("quantserve_shadow_pixel_diff",
                                      description="Mean absolute pixel difference (0..1) between a response and its shadow.",
                                      boundaries=DIFF_BUCKETS, tag_keys=("variant", "scheme", "shadow_variant", "shadow_scheme"))
+        pair = ("variant", "scheme", "reference", "reference_scheme")
+        self.fidelity_mae = Histogram("quantserve_fidelity_mae", boundaries=DIFF_BUCKETS, tag_keys=pair,
+                                      description="Mean absolute pixel difference (0..1) of a shadowed response's "
+                                                  "images against the reference variant's (same seed and prompt).")
+        self.fidelity_psnr = Histogram("quantserve_fidelity_psnr_db", boundaries=PSNR_BUCKETS, tag_keys=pair,
+                                       description="PSNR (dB, identical = 100) of a shadowed response's images against "
+                                                   "the reference variant's.")
+        self.fidelity_ssim = Histogram("quantserve_fidelity_ssim", boundaries=SSIM_BUCKETS, tag_keys=pair,
+                                       description="SSIM of a shadowed response's images against the reference "
+                                                   "variant's (1 = identical).")
         self.shadow_runs = Counter("quantserve_shadow_runs", description="Shadow runs, by outcome.",
                                    tag_keys=("variant", "shadow_variant", "outcome"))
         self.rejections = Counter("quantserve_rejected_requests",
@@ -70,11 +83,17 @@ class RouterMetrics:
     def assigned(self, variant: str, reason: str) -> None:
         self.assignments.inc(tags={"variant": variant, "scheme": self.schemes.get(variant, ""), "reason": reason})
 
-    def shadowed(self, variant: str, shadow: str, diff: float | None, outcome: str) -> None:
+    def shadowed(self, variant: str, shadow: str, fidelity: Any | None, outcome: str) -> None:
+        """One shadow run's outcome, and its Fidelity (serve/fidelity.py) when it was compared."""
         self.shadow_runs.inc(tags={"variant": variant, "shadow_variant": shadow, "outcome": outcome})
-        if diff is not None:
-            self.shadow_diff.observe(diff, tags={"variant": variant, "scheme": self.schemes.get(variant, ""),
-                                                 "shadow_variant": shadow, "shadow_scheme": self.schemes.get(shadow, "")})
+        if fidelity is not None:
+            scheme, shadow_scheme = self.schemes.get(variant, ""), self.schemes.get(shadow, "")
+            self.shadow_diff.observe(fidelity.mae, tags={"variant": variant, "scheme": scheme,
+                                                         "shadow_variant": shadow, "shadow_scheme": shadow_scheme})
+            pair = {"variant": variant, "scheme": scheme, "reference": shadow, "reference_scheme": shadow_scheme}
+            self.fidelity_mae.observe(fidelity.mae, tags=pair)
+            self.fidelity_psnr.observe(fidelity.psnr, tags=pair)
+            self.fidelity_ssim.observe(fidelity.ssim, tags=pair)
 
     def rejected(self, variant: str) -> None:
         self.rejections.inc(tags={"variant": variant, "scheme": self.schemes.get(variant, "")})

@@ -14,10 +14,11 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import numpy as np
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
@@ -28,7 +29,7 @@ from ray.serve.exceptions import (
 
 from .ab import Splitter, UnknownVariantError
 from .config import ExperimentConfig, format_validation_error
-from .fidelity import pixel_difference
+from .fidelity import compare
 from .generation import error_outcome
 from .metrics import RouterMetrics
 
@@ -58,6 +59,8 @@ class ABRouter:
         self.shadow_counts: Counter[str] = Counter()
         self.shadow_diffs: deque[dict[str, Any]] = deque(maxlen=RECENT_SHADOWS)
         self.shadow_sum = 0.0
+        # (variant, reference) -> running sums [runs, mae, psnr, ssim, compare ms] for /v1/ab
+        self.fidelity_sums: defaultdict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(5))
         context = serve.get_replica_context()
         self.app_name = context.app_name
         self.replica = context.replica_id.unique_id
@@ -179,17 +182,21 @@ class ABRouter:
             self.metrics.shadowed(variant, shadow, None, kind)
             return
         try:
-            diff = await asyncio.to_thread(pixel_difference, images, outcome["images"])
+            started = time.perf_counter()
+            fidelity = await asyncio.to_thread(compare, images, outcome["images"])
+            compare_ms = (time.perf_counter() - started) * 1000
         except Exception as exc:  # noqa: BLE001
             error_outcome(exc, f"shadow comparison {variant} vs {shadow}")
             self.shadow_counts["error"] += 1
             self.metrics.shadowed(variant, shadow, None, "error")
             return
         self.shadow_counts["ok"] += 1
-        self.shadow_sum += diff
-        self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": diff,
+        self.shadow_sum += fidelity.mae
+        self.fidelity_sums[(variant, shadow)] += [1, fidelity.mae, fidelity.psnr, fidelity.ssim, compare_ms]
+        self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": fidelity.mae,
+                                  **fidelity.to_dict(), "compare_ms": round(compare_ms, 3),
                                   "seed": job["seed"], "n": job["n"], "time": time.time()})
-        self.metrics.shadowed(variant, shadow, diff, "ok")
+        self.metrics.shadowed(variant, shadow, fidelity, "ok")
 
     async def state(self) -> dict[str, Any]:
         """The live experiment, assignment counts and shadow results (GET /v1/ab)."""
@@ -200,7 +207,10 @@ class ABRouter:
             "router": {"replica": self.replica, "pid": os.getpid(), "started": self.started},
             "assignments": {name: dict(c) for name, c in self.counts.items()},
             "shadow": {"runs": dict(self.shadow_counts), "in_flight": len(self.shadow_tasks),
-                       "mean_pixel_diff": self.shadow_sum / ok if ok else None, "recent": list(self.shadow_diffs)},
+                       "mean_pixel_diff": self.shadow_sum / ok if ok else None, "recent": list(self.shadow_diffs),
+                       "fidelity": [{"variant": v, "reference": r, "runs": int(t[0]), "mean_mae": t[1] / t[0],
+                                     "mean_psnr": t[2] / t[0], "mean_ssim": t[3] / t[0], "mean_compare_ms": t[4] / t[0]}
+                                    for (v, r), t in sorted(self.fidelity_sums.items()) if t[0]]},
         }
 
     async def models(self) -> list[dict[str, Any]]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from quantserve.serve.config import ConfigError, VariantConfig
-from quantserve.serve.fidelity import pixel_difference
+from quantserve.serve.fidelity import PSNR_CAP_DB, compare, pixel_difference
 from quantserve.serve.gemm_probe import GemmProbe
 from quantserve.serve.generation import (
     BatchGenerator,
@@ -141,3 +142,30 @@ def test_pixel_difference() -> None:
     assert pixel_difference([black, black], [white, black]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="equal"):
         pixel_difference([black], [])
+
+
+
+def test_fidelity_of_identical_noisy_and_inverted_images() -> None:
+    """MAE, PSNR and SSIM through torchmetrics, averaged over a request's images; shapes must agree."""
+    rng = np.random.default_rng(0)
+
+    def png(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    grey = (rng.random((16, 16)) * 255).astype(np.uint8)
+    noisy = np.clip(grey.astype(int) + rng.integers(-8, 9, grey.shape), 0, 255).astype(np.uint8)
+    colour = (rng.random((24, 40, 3)) * 255).astype(np.uint8)
+    same = compare([png(grey)], [png(grey)])
+    assert (same.mae, same.psnr, same.ssim) == (0.0, PSNR_CAP_DB, pytest.approx(1.0))
+    near = compare([png(grey), png(grey)], [png(noisy), png(grey)])
+    assert 0 < near.mae < 0.02 and 30 < near.psnr < PSNR_CAP_DB and 0.95 < near.ssim < 1.0
+    assert near.mae == pytest.approx(pixel_difference([png(grey), png(grey)], [png(noisy), png(grey)]))
+    far = compare([png(colour)], [png(255 - colour)])
+    assert far.mae > 0.4 and far.psnr < 10 and far.ssim < 0
+    assert compare([png(grey[:8, :8].copy())], [png(noisy[:8, :8].copy())]).ssim > 0.9  # a window that fits 8x8
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare([png(grey)], [png(colour)])
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        compare([png(grey)], [])

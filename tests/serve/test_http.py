@@ -308,9 +308,14 @@ def test_shadow_runs_after_the_response_and_records_the_pixel_difference(app: Ru
         shadow = app.get("/v1/ab").json()["shadow"]
         recent = shadow["recent"][-3:]
         assert {(s["variant"], s["shadow_variant"]) for s in recent} == {("nf4", "bf16")}
-        assert [s["seed"] for s in recent] == [0, 1, 2]
+        assert sorted(s["seed"] for s in recent) == [0, 1, 2]  # shadows run concurrently: any order
         assert all(0.0 <= s["pixel_diff"] < 0.5 for s in recent)
         assert 0.0 <= shadow["mean_pixel_diff"] < 0.5
+        # fidelity (issue 15): MAE, PSNR and SSIM of nf4's images against bf16's for the same seed and prompt
+        assert all(s["mae"] == s["pixel_diff"] and 5.0 < s["psnr"] <= 100.0 and 0.0 < s["ssim"] <= 1.0 and
+                   s["compare_ms"] > 0 for s in recent)
+        [pair] = [f for f in shadow["fidelity"] if (f["variant"], f["reference"]) == ("nf4", "bf16")]
+        assert pair["runs"] >= 3 and 0.0 < pair["mean_ssim"] <= 1.0 and pair["mean_psnr"] > 5.0
 
 
 def _scrape(url: str) -> dict[str, list]:
@@ -328,7 +333,8 @@ def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningA
     wanted = ["ray_quantserve_requests", "ray_quantserve_images", "ray_quantserve_denoising_steps",
               "ray_quantserve_request_latency_seconds", "ray_quantserve_step_latency_seconds",
               "ray_quantserve_images_per_second", "ray_quantserve_gemm_gflops", "ray_quantserve_model_bytes",
-              "ray_quantserve_ab_assignments", "ray_quantserve_shadow_pixel_diff"]
+              "ray_quantserve_ab_assignments", "ray_quantserve_shadow_pixel_diff", "ray_quantserve_fidelity_mae",
+              "ray_quantserve_fidelity_psnr_db", "ray_quantserve_fidelity_ssim"]
 
     def exported() -> dict[str, list] | None:
         families = _scrape(app.metrics_url)
@@ -336,7 +342,10 @@ def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningA
         nf4_gemm = [s for s in families.get("ray_quantserve_gemm_gflops", []) if s.labels.get("variant") == "nf4"]
         # each replica's gauges reach the exposition on their own schedule: wait for both variants' model bytes
         sized = {s.labels.get("variant") for s in families.get("ray_quantserve_model_bytes", [])}
-        return None if missing or not nf4_gemm or not {"bf16", "nf4"} <= sized else families
+        served = {s.labels.get("variant") for s in families.get("ray_quantserve_requests", [])
+                  if s.labels.get("status") == "200"}
+        complete = not missing and nf4_gemm and {"bf16", "nf4"} <= sized and {"bf16", "nf4"} <= served
+        return families if complete else None
 
     families = wait_for(exported, 240, f"{wanted} in the exposition", poll_s=2)
 
@@ -361,6 +370,9 @@ def test_metrics_reach_the_prometheus_exposition_with_their_labels(app: RunningA
     assert 0 < model_bytes["nf4"] < model_bytes["bf16"]
     reasons = {s.labels["reason"] for s in families["ray_quantserve_ab_assignments"]}
     assert {"forced", "sticky"} <= reasons
+    for name in ("ray_quantserve_fidelity_mae", "ray_quantserve_fidelity_psnr_db", "ray_quantserve_fidelity_ssim"):
+        counts = [s for s in families[name] if s.name.endswith("_count")]
+        assert counts and counts[0].labels["reference"] == "bf16" and counts[0].value >= 1, name
     shadow = [s for s in families["ray_quantserve_shadow_pixel_diff"] if s.name.endswith("_count")]
     assert shadow and shadow[0].labels["shadow_variant"] == "bf16" and shadow[0].value >= 1
 
