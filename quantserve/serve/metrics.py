@@ -13,6 +13,7 @@ from typing import Any
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 MODEL_TAGS = ("variant", "backend", "scheme", "kernel")
+FIDELITY_TAGS = ("variant", "scheme", "reference", "reference_scheme")
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 DIFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
@@ -64,14 +65,13 @@ class RouterMetrics:
         self.shadow_diff = Histogram("quantserve_shadow_pixel_diff",
                                      description="Mean absolute pixel difference (0..1) between a response and its shadow.",
                                      boundaries=DIFF_BUCKETS, tag_keys=("variant", "scheme", "shadow_variant", "shadow_scheme"))
-        pair = ("variant", "scheme", "reference", "reference_scheme")
-        self.fidelity_mae = Histogram("quantserve_fidelity_mae", boundaries=DIFF_BUCKETS, tag_keys=pair,
+        self.fidelity_mae = Histogram("quantserve_fidelity_mae", boundaries=DIFF_BUCKETS, tag_keys=FIDELITY_TAGS,
                                       description="Mean absolute pixel difference (0..1) of a shadowed response's "
                                                   "images against the reference variant's (same seed and prompt).")
-        self.fidelity_psnr = Histogram("quantserve_fidelity_psnr_db", boundaries=PSNR_BUCKETS, tag_keys=pair,
+        self.fidelity_psnr = Histogram("quantserve_fidelity_psnr_db", boundaries=PSNR_BUCKETS, tag_keys=FIDELITY_TAGS,
                                        description="PSNR (dB, identical = 100) of a shadowed response's images against "
                                                    "the reference variant's.")
-        self.fidelity_ssim = Histogram("quantserve_fidelity_ssim", boundaries=SSIM_BUCKETS, tag_keys=pair,
+        self.fidelity_ssim = Histogram("quantserve_fidelity_ssim", boundaries=SSIM_BUCKETS, tag_keys=FIDELITY_TAGS,
                                        description="SSIM of a shadowed response's images against the reference "
                                                    "variant's (1 = identical).")
         self.shadow_runs = Counter("quantserve_shadow_runs", description="Shadow runs, by outcome.",
