@@ -1,9 +1,11 @@
-/* quantserve CPU kernels: qs_gemm, the fused dequantize-GEMM for a few to a few dozen activation rows (M = 5..64).
+/* quantserve CPU kernels: qs_gemm, the fused dequantize-GEMM for more than one activation row (up to 256 a call).
  *
- * At these M a linear layer is still bound by reading its weight, yet the GEMV (qs_dot.c) streams the packed weight
+ * At a few dozen rows a linear layer is still bound by reading its weight, yet the GEMV (qs_dot.c) streams the packed weight
  * once per activation row and the slab path (qs_dequantize + torch's GEMM) writes and re-reads a dense copy. Here a
  * panel of NB weight rows is decoded ONCE, a chunk of K at a time, into a small bf16 (or float32) buffer that stays
- * in L1/L2, and multiplied against all M activation rows before the next chunk is decoded:
+ * in L1/L2, and multiplied against all M activation rows before the next chunk is decoded (kernels/cpu.py's path
+ * "auto" runs it for bf16 activations on AMX from 2 or 5 rows to 256, where it measured faster than the GEMV and the
+ * slabs: benchmarks/kernels_cpu.md):
  *
  *   for each panel of NB rows (OpenMP threads take panels):
  *       for each chunk of kc columns:   decode NB x kc weights -> bf16 panel;  acc[NB][M] += panel . x[:, chunk]^T
@@ -11,8 +13,10 @@
  *
  * Three matmul paths, picked at run time (qs_gemm's `path`; QS_GEMM_AUTO: the best this CPU and build can run):
  *   QS_GEMM_AMX       AMX tiles: TDPBF16PS on 16 x 32 bf16 weight tiles (A) against the activations packed once per
- *                     call as bf16 pairs (B: 16 k-pairs x 16 rows), 2 x 2 accumulator tiles of 16 x 16 float32.
- *                     Needs a build with AMX-TILE/AMX-BF16 and the kernel's permission (arch_prctl
+ *                     call as bf16 pairs (B: 16 k-pairs x 16 rows), 2 x 2 accumulator tiles of 16 x 16 float32
+ *                     (for M <= 16: four weight tiles' accumulators, held in tiles across the whole of K). Each 32
+ *                     decoded rows go to the tiles at once, so the tile unit multiplies while the vector units
+ *                     decode the next rows. Needs a build with AMX-TILE/AMX-BF16 and the kernel's permission (arch_prctl
  *                     ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once per process; refused: not available).
  *   QS_GEMM_DPBF16    AVX512-BF16 VDPBF16PS: 4 weight rows x 4 activation rows of 16-lane accumulators.
  *   QS_GEMM_PORTABLE  float32 weights (qs_decode_row: the reference's values, rounded to the format's dtype) times
@@ -35,6 +39,8 @@
  *   - int8 rows and float8: the panel holds the codes ((q - zero) for int8, exact in bf16; float8 values are exact
  *     in bf16 too) and the row's scale multiplies the finished sum (as the fused GEMV's row dots do).
  *   - GGUF Q8_0: d * q per block of 32, rounded to bf16.
+ * Formats without a chunk decoder (NVFP4, quanto int4/int2, GGUF Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, Q6_K, IQ4_NL,
+ * IQ4_XS, F16/BF16/F32, and any K a chunk decoder does not divide) take the generic one: 32-row panels of whole rows.
  * The bf16 conversion of table and code values uses VCVTNEPS2BF16 where the build has AVX512-BF16 (round to nearest
  * even; it flushes float32-subnormal values, |w| < 1.2e-38, to zero, whose products lie far below the output's
  * rounding), else exact integer rounding.
