@@ -84,6 +84,10 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    def hex_digests(self) -> list[str]:
+        """The digests (SHA-256 of the keys, never the keys), e.g. to derive a signing key from."""
+        return [d.hex() for d in self._digests]
+
     def __len__(self) -> int:
         return len(self._digests)
 

@@ -1,7 +1,9 @@
 """The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API, with the
 A/B router inside it (serve/router.py): a request goes Ingress -> the variant's Diffusion replica, one Ray hop.
 
-POST /v1/images/generations, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz, GET /readyz.
+POST /v1/images/generations, POST /v1/feedback, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz,
+GET /readyz. A served generation carries a response id (body `id`, header X-Quantserve-Response-Id) that
+/v1/feedback takes.
 Every response carries X-Quantserve-Variant (the variant that served it, or 'none'). With `stream: true` the answer
 is server-sent events in the shape of OpenAI's streaming images API: one `image_generation.progress` event per
 denoising step, then one `image_generation.completed` event per image (or an `error` event).
@@ -29,6 +31,7 @@ from .api_schema import RequestError, error_body, parse_body, to_job
 from .auth import OPEN_PATHS, ApiKeys
 from .config import LimitsConfig
 from .families import families, known_extra_fields
+from .feedback import FeedbackBook, ResponseIds, feedback_key, parse_feedback
 from .generation import new_error_id
 from .metrics import IngressMetrics
 from .router import ABRouter
@@ -36,6 +39,7 @@ from .router import ABRouter
 logger = logging.getLogger("quantserve.serve")
 
 VARIANT_HEADER = "X-Quantserve-Variant"
+RESPONSE_ID_HEADER = "X-Quantserve-Response-Id"  # what POST /v1/feedback takes as its id
 NO_VARIANT = "none"
 MAX_FORWARDED_HEADERS = 32
 PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # never given to the router
@@ -183,6 +187,8 @@ class Ingress:
             app.openapi_url, app.docs_url = "/openapi.json", "/docs"
             app.setup()  # FastAPI adds its docs routes for the URLs set
         torch.set_num_threads(1)  # the Ingress's only torch work: the shadows' small SSIM convolutions
+        self.feedback = FeedbackBook(variants)
+        self.response_ids = ResponseIds(feedback_key(serve.get_replica_context().app_name, keys.hex_digests()))
         self.router = ABRouter({n: v["scheme"] for n, v in variants.items()},
                                {n: v["deployment"] for n, v in variants.items()},
                                {n: v["handle"] for n, v in variants.items()}, retry_after_s)
@@ -255,11 +261,13 @@ class Ingress:
         return self._error(path, status, outcome.get("message", "error"), outcome.get("param"), outcome.get("code"),
                            outcome.get("variant", NO_VARIANT), outcome.get("error_id"), headers)
 
-    @staticmethod
-    def _headers(outcome: dict[str, Any], job: dict[str, Any]) -> dict[str, str]:
-        return {VARIANT_HEADER: outcome.get("variant", NO_VARIANT),
-                "X-Quantserve-Assignment": outcome.get("assignment", ""),
-                "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"])}
+    def _headers(self, outcome: dict[str, Any], job: dict[str, Any]) -> dict[str, str]:
+        """A served response's headers; its response id (for POST /v1/feedback) is made here, once."""
+        variant = outcome.get("variant", NO_VARIANT)
+        outcome.setdefault("id", self.response_ids.new(variant))
+        return {VARIANT_HEADER: variant, "X-Quantserve-Assignment": outcome.get("assignment", ""),
+                "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"]),
+                RESPONSE_ID_HEADER: outcome["id"]}
 
     async def _stream(self, path: str, job: dict[str, Any], stream: Any) -> Response:
         """Wait for the variant to accept the job (a refusal is a plain error response), then stream its events."""
@@ -317,8 +325,8 @@ class Ingress:
                         "type": "image_generation.completed", "created_at": now, "image_index": i,
                         "b64_json": base64.b64encode(png).decode("ascii"), "size": item.get("size", size),
                         "output_format": "png", "background": "opaque", "quality": "auto", "model": variant,
-                        "quantserve": {"seed": item["seed"] + i, "steps": item["steps"], "guidance": item["guidance"],
-                                       "replica": item.get("replica")}})
+                        "quantserve": {"id": accepted.get("id"), "seed": item["seed"] + i, "steps": item["steps"],
+                                       "guidance": item["guidance"], "replica": item.get("replica")}})
             elif item["event"] in ("done", "error"):
                 body = error_body(item.get("message", "error"), item["status"], item.get("param"), item.get("code"),
                                   item.get("error_id"))
@@ -335,6 +343,7 @@ class Ingress:
         if req.response_format == "png":
             return Response(outcome["images"][0], media_type="image/png", headers=headers)
         body = {
+            "id": outcome["id"],
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": None}
                      for png in outcome["images"]],
@@ -370,8 +379,28 @@ class Ingress:
             state = await self.router.state()
         except Exception:  # noqa: BLE001
             return self._internal_error("/v1/ab", "reading the experiment")
+        state["feedback"] = self.feedback.summary()
         self.metrics.responded("/v1/ab", 200, NO_VARIANT)
         return JSONResponse(state)
+
+    @app.post("/v1/feedback")
+    async def feedback_score(self, request: Request) -> Response:
+        """{"id": a response id, "score": -1..1}: counted for the variant that served that response."""
+        path = "/v1/feedback"
+        try:
+            body = await read_bounded(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
+            rid, score = parse_feedback(body)
+            variant = self.response_ids.variant_of(rid)
+            if variant is None or variant not in self.feedback.tallies:
+                raise RequestError(404, f"id: {rid[:64]!r} is not a response id of this app", "id",
+                                   "unknown_response")
+            tally = self.feedback.record(rid, variant, score)
+        except RequestError as exc:
+            return self._error(path, exc.status, str(exc), exc.param, exc.code)
+        self.metrics.scored(variant, score, tally.total / tally.count)
+        self.metrics.responded(path, 200, variant)
+        return JSONResponse({"id": rid, "variant": variant, "score": score, "variant_feedback": tally.to_dict()},
+                            headers={VARIANT_HEADER: variant})
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD too: some probes and load balancers send it
     async def healthz(self) -> JSONResponse:

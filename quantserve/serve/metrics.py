@@ -106,5 +106,17 @@ class IngressMetrics:
         self.responses = Counter("quantserve_http_responses", description="HTTP responses of the ingress.",
                                  tag_keys=("path", "status", "variant"))
 
+        self.feedback = Counter("quantserve_feedback", description="User feedback on responses, by the variant that "
+                                                                   "served them and the score's sign.",
+                                tag_keys=("variant", "sign"))
+        self.feedback_mean = Gauge("quantserve_feedback_mean", tag_keys=("variant",),
+                                   description="Mean feedback score (-1..1) per variant, over this Ingress replica's "
+                                               "feedback so far.")
+
     def responded(self, path: str, status: int, variant: str) -> None:
         self.responses.inc(tags={"path": path, "status": str(status), "variant": variant})
+
+    def scored(self, variant: str, score: float, mean: float) -> None:
+        sign = "positive" if score > 0 else "negative" if score < 0 else "neutral"
+        self.feedback.inc(tags={"variant": variant, "sign": sign})
+        self.feedback_mean.set(mean, tags={"variant": variant})
