@@ -44,6 +44,8 @@ pydantic-core==2.50.5
 pyyaml==6.0.4
 tqdm==4.70.1
 pillow==13.0.0
+torchmetrics==1.9.0
+lightning-utilities==0.15.3
 scikit-learn==1.9.1
 scipy==1.17.1
 psutil==7.2.2
