@@ -268,6 +268,53 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["ok"] > 0 else EXIT_FAILED
 
 
+def format_report(report: dict[str, Any]) -> list[str]:
+    """The A/B report as a table per variant, then one line per comparison."""
+    def ms(x: dict[str, Any] | None) -> str:
+        return f"{x['value']:.0f} [{x['ci95'][0]:.0f}, {x['ci95'][1]:.0f}]" if x else "-"
+
+    window = f"last {report['window_s']:g} s" if report["window_s"] else "since start"
+    lines = [f"A/B report, {window} ({report['span_s']} s of traffic, {report['requests']} requests); baseline "
+             f"{report['baseline']}",
+             f"{'variant':<14}{'requests':>9}{'errors':>8}  {'p50 ms [95% CI]':<22}{'p95 ms [95% CI]':<22}"
+             f"{'img/s':>7}  {'SSIM mean/p5':<16}{'feedback':>9}"]
+    for name, v in report["variants"].items():
+        fid = next(iter(v.get("fidelity", {}).values()), None)
+        ssim = f"{fid['ssim_mean']:.3f}/{fid['ssim_p5']:.3f}" if fid else "-"
+        fb = v.get("feedback") or {}
+        feedback = f"{fb['mean']:+.2f} ({fb['count']})" if fb.get("count") else "-"
+        rate = "-" if v["images_per_s"] is None else f"{v['images_per_s']:.2f}"
+        lines.append(f"{name:<14}{v['requests']:>9}{v['errors']:>8}  {ms(v['p50_ms']):<22}{ms(v['p95_ms']):<22}"
+                     f"{rate:>7}  {ssim:<16}{feedback:>9}")
+    lines += [c["text"] for c in report["comparisons"]]
+    return lines
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from .serve.client import api_base, get_json
+
+    try:
+        base = api_base(args.url)
+    except ValueError as exc:
+        print(f"quantserve ab report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    query = urlencode({k: v for k, v in (("window", args.window), ("baseline", args.baseline)) if v})
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    try:
+        status, body = get_json(f"{base}/v1/ab/report" + (f"?{query}" if query else ""), args.timeout, headers)
+    except OSError as exc:
+        print(f"quantserve ab report: cannot reach {base}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if status != 200:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else str(body)[:300]
+        print(f"quantserve ab report: {status}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(body, indent=2) if args.json else "\n".join(format_report(body)))
+    return EXIT_OK
+
+
 # --- registration -----------------------------------------------------------------------------------------------
 
 def _add_request_options(p: argparse.ArgumentParser, prompt_required: bool, url_default: str | None = DEFAULT_URL,
@@ -287,7 +334,7 @@ def _add_request_options(p: argparse.ArgumentParser, prompt_required: bool, url_
 
 
 def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `serve`, `generate` and `loadtest` on the `quantserve` parser's subparsers."""
+    """Register `serve`, `generate`, `loadtest` and `ab` on the `quantserve` parser's subparsers."""
     p = subparsers.add_parser(
         "serve", help="serve models over HTTP with Ray Serve: A/B router, autoscaling, Prometheus metrics",
         description="Start a local Ray instance and serve the variants of CONFIG.yaml (with no file: the embedded "
@@ -359,3 +406,20 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=300.0, help="send nothing new after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_loadtest)
+
+    p = subparsers.add_parser("ab", help="the A/B experiment of a running server: `quantserve ab report`",
+                              description="Read a running quantserve's A/B experiment.")
+    ab = p.add_subparsers(dest="ab_command", required=True, metavar="COMMAND")
+    r = ab.add_parser("report", help="per variant: requests, errors, latency with 95%% CIs, fidelity, feedback",
+                      description="Fetch GET /v1/ab/report: per variant over a window, requests, error rate, p50/p95 "
+                                  "latency with 95% bootstrap confidence intervals, images/s, model bytes, SSIM/PSNR "
+                                  "against the reference variant, user feedback; and each candidate's p95 latency "
+                                  "ratio against the baseline, with its interval.")
+    r.add_argument("--url", default=DEFAULT_URL, help=f"quantserve's base URL (default {DEFAULT_URL})")
+    r.add_argument("--window", help="e.g. 300s, 5m, 2h (default: since the Ingress replica started)")
+    r.add_argument("--baseline", help="the variant to compare against (default: the shadow's reference, else the "
+                                      "first variant)")
+    r.add_argument("--api-key", help="sent as Authorization: Bearer (when the server has API keys)")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=cmd_ab_report)

@@ -37,6 +37,28 @@ def post_json(url: str, body: dict[str, Any], timeout: float, headers: dict[str,
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
+def api_base(url: str) -> str:
+    """http://host:port[/prefix] from a base URL given with or without a trailing /v1."""
+    url = url.rstrip("/")
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"--url: expected http://HOST:PORT, got {url!r}")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def get_json(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET a JSON document: (status, parsed body or the raw bytes when it is not JSON); OSError for network failures."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return status, body
+
+
 def error_message(body: bytes) -> str:
     """The message of an API error body ({"error": {"message": ...}}), else the body's first 300 bytes."""
     try:

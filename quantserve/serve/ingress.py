@@ -34,6 +34,7 @@ from .families import families, known_extra_fields
 from .feedback import FeedbackBook, ResponseIds, feedback_key, parse_feedback
 from .generation import new_error_id
 from .metrics import IngressMetrics
+from .report import RequestLog, build_report, parse_window
 from .router import ABRouter
 
 logger = logging.getLogger("quantserve.serve")
@@ -188,6 +189,7 @@ class Ingress:
             app.setup()  # FastAPI adds its docs routes for the URLs set
         torch.set_num_threads(1)  # the Ingress's only torch work: the shadows' small SSIM convolutions
         self.feedback = FeedbackBook(variants)
+        self.log = RequestLog()  # the generations this replica answered, for /v1/ab/report
         self.response_ids = ResponseIds(feedback_key(serve.get_replica_context().app_name, keys.hex_digests()))
         self.router = ABRouter({n: v["scheme"] for n, v in variants.items()},
                                {n: v["deployment"] for n, v in variants.items()},
@@ -242,9 +244,17 @@ class Ingress:
         except Exception:  # noqa: BLE001 - the router failed: a 500 with an id, logged here
             return self._internal_error(path, "the router")
         response = self._answer(path, req, job, outcome)
+        self._log(outcome, request.state.arrived, job["n"])
         if "timing" in outcome:
             response.headers["Server-Timing"] = server_timing(outcome["timing"], request.state.arrived)
         return response
+
+    def _log(self, outcome: dict[str, Any], arrived: float, images: int) -> None:
+        """A variant's answer (200 or not) for the report; refusals before any variant was chosen are not its."""
+        variant = outcome.get("variant")
+        if variant in self.feedback.tallies:
+            self.log.add(variant, int(outcome.get("status", 500)), time.perf_counter() - arrived,
+                         images if outcome.get("status") == 200 else 0)
 
     def _prompt_refusal(self, prompt: str) -> str | None:
         """The first variant family's reason when every variant's family refuses the prompt; else None (a variant
@@ -382,6 +392,32 @@ class Ingress:
         state["feedback"] = self.feedback.summary()
         self.metrics.responded("/v1/ab", 200, NO_VARIANT)
         return JSONResponse(state)
+
+    @app.get("/v1/ab/report")
+    async def ab_report(self, window: str | None = None, baseline: str | None = None) -> JSONResponse:
+        """Per variant over the window (`?window=300s`; default: since this replica started): requests, error rate,
+        p50/p95 latency with 95% bootstrap intervals, images/s, model bytes, fidelity against the reference
+        variant, feedback; and each candidate's p95 latency ratio against the baseline (`?baseline=`; default:
+        the shadow's reference variant, else the first variant)."""
+        path = "/v1/ab/report"
+        try:
+            window_s = parse_window(window)
+        except ValueError as exc:
+            return self._error(path, 422, str(exc), "window")
+        names = list(self.feedback.tallies)
+        shadow = self.router.splitter.describe().get("shadow") or {}
+        baseline = baseline or shadow.get("variant") or names[0]
+        if baseline not in names:
+            return self._error(path, 422, f"baseline: unknown variant {baseline[:64]!r}; accepted: {', '.join(names)}",
+                               "baseline")
+        models = {m.get("id"): m for m in await self.router.models()}
+        fidelity = self.router.fidelity_report(window_s)
+        feedback = self.feedback.summary()
+        extras = {name: {"model_bytes": models.get(name, {}).get("model_bytes"), "scheme": self.router.schemes[name],
+                         "fidelity": fidelity.get(name, {}), "feedback": feedback.get(name)} for name in names}
+        report = await asyncio.to_thread(build_report, self.log, names, window_s, baseline, extras)
+        self.metrics.responded(path, 200, NO_VARIANT)
+        return JSONResponse(report)
 
     @app.post("/v1/feedback")
     async def feedback_score(self, request: Request) -> Response:

@@ -38,6 +38,7 @@ logger = logging.getLogger("quantserve.serve")
 REPLICA_DIED = (RayActorError, ActorUnavailableError)
 
 RECENT_SHADOWS = 20
+RECENT_FIDELITY = 10_000
 INFO_TIMEOUT_S = 10.0
 
 
@@ -61,6 +62,8 @@ class ABRouter:
         self.shadow_sum = 0.0
         # (variant, reference) -> running sums [runs, mae, psnr, ssim, compare ms] for /v1/ab
         self.fidelity_sums: defaultdict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(5))
+        # (variant, reference) -> recent (time, mae, psnr, ssim), for the report's windows and percentiles
+        self.fidelity_recent: defaultdict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=RECENT_FIDELITY))
         context = serve.get_replica_context()
         self.app_name = context.app_name
         self.replica = context.replica_id.unique_id
@@ -193,6 +196,7 @@ class ABRouter:
         self.shadow_counts["ok"] += 1
         self.shadow_sum += fidelity.mae
         self.fidelity_sums[(variant, shadow)] += [1, fidelity.mae, fidelity.psnr, fidelity.ssim, compare_ms]
+        self.fidelity_recent[(variant, shadow)].append((time.time(), fidelity.mae, fidelity.psnr, fidelity.ssim))
         self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": fidelity.mae,
                                   **fidelity.to_dict(), "compare_ms": round(compare_ms, 3),
                                   "seed": job["seed"], "n": job["n"], "time": time.time()})
@@ -212,6 +216,23 @@ class ABRouter:
                                      "mean_psnr": t[2] / t[0], "mean_ssim": t[3] / t[0], "mean_compare_ms": t[4] / t[0]}
                                     for (v, r), t in sorted(self.fidelity_sums.items()) if t[0]]},
         }
+
+    def fidelity_report(self, window_s: float | None, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per variant, its shadow comparisons against each reference within the window: runs, mean and 5th
+        percentile of SSIM and PSNR, mean and 95th percentile of MAE (the bad tail of each)."""
+        now = time.time() if now is None else now
+        out: dict[str, dict[str, Any]] = {}
+        for (variant, reference), recent in sorted(self.fidelity_recent.items()):
+            rows = np.array([r[1:] for r in recent if window_s is None or r[0] >= now - window_s])
+            if not len(rows):
+                continue
+            mae, psnr, ssim = rows[:, 0], rows[:, 1], rows[:, 2]
+            out.setdefault(variant, {})[reference] = {
+                "runs": len(rows), "ssim_mean": round(float(ssim.mean()), 4),
+                "ssim_p5": round(float(np.percentile(ssim, 5)), 4), "psnr_mean": round(float(psnr.mean()), 2),
+                "psnr_p5": round(float(np.percentile(psnr, 5)), 2), "mae_mean": round(float(mae.mean()), 5),
+                "mae_p95": round(float(np.percentile(mae, 95)), 5)}
+        return out
 
     async def models(self) -> list[dict[str, Any]]:
         """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable."""
