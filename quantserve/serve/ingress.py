@@ -234,7 +234,7 @@ class Ingress:
         forced = request.headers.get(FORCE_HEADER)
         if req.stream:
             stream = self.router.generate_stream(job, model=req.model, forced=forced, user=req.user, headers=headers)
-            return await self._stream(path, job, stream)
+            return await self._stream(path, job, stream, request.state.arrived)
         try:  # a timeout cancels the router's call, which cancels the replica's work (no extra task: asyncio.timeout)
             async with asyncio.timeout(self.request_timeout_s):
                 outcome = await self.router.generate(job, model=req.model, forced=forced, user=req.user,
@@ -279,7 +279,7 @@ class Ingress:
                 "X-Quantserve-Replica": str(outcome.get("replica", "")), "X-Quantserve-Seed": str(job["seed"]),
                 RESPONSE_ID_HEADER: outcome["id"]}
 
-    async def _stream(self, path: str, job: dict[str, Any], stream: Any) -> Response:
+    async def _stream(self, path: str, job: dict[str, Any], stream: Any, arrived: float) -> Response:
         """Wait for the variant to accept the job (a refusal is a plain error response), then stream its events."""
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.request_timeout_s)
@@ -291,20 +291,26 @@ class Ingress:
             return self._internal_error(path, "the router")
         if first["event"] == "error":
             await stream.aclose()
+            self._log(first, arrived, 0)
             return self._refused(path, first)
         variant = first.get("variant", NO_VARIANT)
         self.metrics.responded(path, 200, variant)
         headers = {**self._headers(first, job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(self._events(first, stream), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._events(first, stream, arrived, job["n"]), media_type="text/event-stream",
+                                 headers=headers)
 
-    async def _events(self, accepted: dict[str, Any], stream: Any) -> AsyncIterator[bytes]:
+    async def _events(self, accepted: dict[str, Any], stream: Any, arrived: float, images: int
+                      ) -> AsyncIterator[bytes]:
         """progress per step, completed per image; an error event when the job fails or stalls. However it ends
-        (the client gone included), the router's stream is closed, and with it the replica's."""
+        (the client gone included), the router's stream is closed, and with it the replica's. A stream that ended
+        with its images or an error is in the report's log (its latency: to the last image)."""
         try:
             async for event in self._event_bytes(accepted, stream):
                 yield event
         finally:
             await stream.aclose()
+            if "status" in accepted:
+                self._log(accepted, arrived, images)
 
     async def _event_bytes(self, accepted: dict[str, Any], stream: Any) -> AsyncIterator[bytes]:
         size, variant = accepted["size"], accepted.get("variant", NO_VARIANT)
@@ -314,11 +320,13 @@ class Ingress:
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
+                accepted["status"] = 504
                 await stream.aclose()
                 yield sse("error", {"type": "error", **error_body(f"no event within {self.request_timeout_s} s", 504,
                                                                    code="timeout")})
                 return
             except Exception:  # noqa: BLE001
+                accepted["status"] = 500
                 error_id = new_error_id()
                 logger.exception("error %s: the stream from the router failed", error_id)
                 yield sse("error", {"type": "error", **error_body(f"internal error (error id {error_id})", 500,
@@ -330,6 +338,7 @@ class Ingress:
                     "type": "image_generation.progress", "created_at": now, "step": item["step"],
                     "steps": item["steps"], "size": size, "model": variant})
             elif item["event"] == "done" and item["status"] == 200:
+                accepted["status"] = 200
                 for i, png in enumerate(item["images"]):
                     yield sse("image_generation.completed", {
                         "type": "image_generation.completed", "created_at": now, "image_index": i,
@@ -338,6 +347,7 @@ class Ingress:
                         "quantserve": {"id": accepted.get("id"), "seed": item["seed"] + i, "steps": item["steps"],
                                        "guidance": item["guidance"], "replica": item.get("replica")}})
             elif item["event"] in ("done", "error"):
+                accepted["status"] = item["status"]
                 body = error_body(item.get("message", "error"), item["status"], item.get("param"), item.get("code"),
                                   item.get("error_id"))
                 yield sse("error", {"type": "error", **body})

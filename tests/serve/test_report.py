@@ -93,6 +93,12 @@ def test_report_over_http_and_the_cli(app: RunningApp) -> None:
         assert nf4["ok"] >= 4 and nf4["p50_ms"]["value"] > 0 and nf4["model_bytes"] > 0
         assert 0 < nf4["fidelity"]["bf16"]["ssim_mean"] <= 1 and nf4["fidelity"]["bf16"]["runs"] >= 4
         assert report["comparisons"][0]["candidate"] == "nf4" and report["comparisons"][0]["p95_latency_ratio"]
+        # a streamed generation counts too, once it has ended
+        streamed = requests.post(f"{app.url}/v1/images/generations", headers={FORCE: "nf4"}, timeout=120, stream=True,
+                                 json={"prompt": "4", "steps": 2, "stream": True})
+        assert streamed.status_code == 200 and b"image_generation.completed" in streamed.content
+        again = requests.get(f"{app.url}/v1/ab/report", params={"window": "10m"}, timeout=60).json()
+        assert again["variants"]["nf4"]["ok"] == nf4["ok"] + 1
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert main(["ab", "report", "--url", app.url, "--window", "10m"]) == 0
