@@ -14,14 +14,20 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def api_base(url: str) -> str:
+    """http://host:port[/prefix] from a base URL given with or without a trailing /v1."""
+    url = url.rstrip("/")
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"--url: expected http://HOST:PORT, got {url!r}")
+    return url[:-3] if url.endswith("/v1") else url
+
+
 def generations_url(url: str) -> str:
     """The generations endpoint under a base URL given as http://host:port, .../v1 or the endpoint itself."""
     url = url.rstrip("/")
     if url.endswith("/images/generations"):
         return url
-    if not re.match(r"^https?://", url):
-        raise ValueError(f"--url: expected http://HOST:PORT, got {url!r}")
-    return url + ("/images/generations" if url.endswith("/v1") else "/v1/images/generations")
+    return api_base(url) + "/v1/images/generations"
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float, headers: dict[str, str] | None = None
@@ -35,14 +41,6 @@ def post_json(url: str, body: dict[str, Any], timeout: float, headers: dict[str,
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def api_base(url: str) -> str:
-    """http://host:port[/prefix] from a base URL given with or without a trailing /v1."""
-    url = url.rstrip("/")
-    if not re.match(r"^https?://", url):
-        raise ValueError(f"--url: expected http://HOST:PORT, got {url!r}")
-    return url[:-3] if url.endswith("/v1") else url
 
 
 def get_json(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -252,7 +252,7 @@ class Ingress:
     def _log(self, outcome: dict[str, Any], arrived: float, images: int) -> None:
         """A variant's answer (200 or not) for the report; refusals before any variant was chosen are not its."""
         variant = outcome.get("variant")
-        if variant in self.feedback.tallies:
+        if variant in self.router.schemes:
             self.log.add(variant, int(outcome.get("status", 500)), time.perf_counter() - arrived,
                          images if outcome.get("status") == 200 else 0)
 
@@ -414,7 +414,7 @@ class Ingress:
             window_s = parse_window(window)
         except ValueError as exc:
             return self._error(path, 422, str(exc), "window")
-        names = list(self.feedback.tallies)
+        names = self.router.names
         shadow = self.router.splitter.describe().get("shadow") or {}
         baseline = baseline or shadow.get("variant") or names[0]
         if baseline not in names:
@@ -437,7 +437,7 @@ class Ingress:
             body = await read_bounded(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
             rid, score = parse_feedback(body)
             variant = self.response_ids.variant_of(rid)
-            if variant is None or variant not in self.feedback.tallies:
+            if variant is None or variant not in self.router.schemes:
                 raise RequestError(404, f"id: {rid[:64]!r} is not a response id of this app", "id",
                                    "unknown_response")
             tally = self.feedback.record(rid, variant, score)

@@ -59,7 +59,6 @@ class ABRouter:
         self.shadow_tasks: set[asyncio.Task] = set()
         self.shadow_counts: Counter[str] = Counter()
         self.shadow_diffs: deque[dict[str, Any]] = deque(maxlen=RECENT_SHADOWS)
-        self.shadow_sum = 0.0
         # (variant, reference) -> running sums [runs, mae, psnr, ssim, compare ms] for /v1/ab
         self.fidelity_sums: defaultdict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(5))
         # (variant, reference) -> recent (time, mae, psnr, ssim), for the report's windows and percentiles
@@ -194,7 +193,6 @@ class ABRouter:
             self.metrics.shadowed(variant, shadow, None, "error")
             return
         self.shadow_counts["ok"] += 1
-        self.shadow_sum += fidelity.mae
         self.fidelity_sums[(variant, shadow)] += [1, fidelity.mae, fidelity.psnr, fidelity.ssim, compare_ms]
         self.fidelity_recent[(variant, shadow)].append((time.time(), fidelity.mae, fidelity.psnr, fidelity.ssim))
         self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": fidelity.mae,
@@ -211,7 +209,7 @@ class ABRouter:
             "router": {"replica": self.replica, "pid": os.getpid(), "started": self.started},
             "assignments": {name: dict(c) for name, c in self.counts.items()},
             "shadow": {"runs": dict(self.shadow_counts), "in_flight": len(self.shadow_tasks),
-                       "mean_pixel_diff": self.shadow_sum / ok if ok else None, "recent": list(self.shadow_diffs),
+                       "mean_pixel_diff": sum(t[1] for t in self.fidelity_sums.values()) / ok if ok else None, "recent": list(self.shadow_diffs),
                        "fidelity": [{"variant": v, "reference": r, "runs": int(t[0]), "mean_mae": t[1] / t[0],
                                      "mean_psnr": t[2] / t[0], "mean_ssim": t[3] / t[0], "mean_compare_ms": t[4] / t[0]}
                                     for (v, r), t in sorted(self.fidelity_sums.items()) if t[0]]},
