@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,10 @@ def _generate_local(args: argparse.Namespace) -> int:
 # --- loadtest -------------------------------------------------------------------------------------------------
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    if getattr(args, "ramp", None):  # a load that follows a schedule, with a timeline (serve/ramp.py)
+        from quantserve.serve.ramp import cmd_ramp
+
+        return cmd_ramp(args)
     try:
         url = generations_url(args.url)
     except ValueError as exc:
@@ -286,7 +291,26 @@ def format_report(report: dict[str, Any]) -> list[str]:
         rate = "-" if v["images_per_s"] is None else f"{v['images_per_s']:.2f}"
         lines.append(f"{name:<14}{v['requests']:>9}{v['errors']:>8}  {ms(v['p50_ms']):<22}{ms(v['p95_ms']):<22}"
                      f"{rate:>7}  {ssim:<16}{feedback:>9}")
-    lines += [c["text"] for c in report["comparisons"]]
+    for c in report["comparisons"]:
+        lines.append(c["text"])
+        for g in c.get("guards", []):
+            lines.append(f"  guard: {g['text']}" if "text" in g else f"  guard waits: {g['waits']}")
+    if report.get("rollout"):
+        lines += format_rollout(report["rollout"])
+    return lines
+
+
+def format_rollout(r: dict[str, Any]) -> list[str]:
+    """The rollout's state in a few lines: where it is, what it waits for, why it stopped."""
+    steps = " -> ".join(f"[{s:g}]" if i == r["step"] else f"{s:g}" for i, s in enumerate(r["steps"]))
+    lines = [f"rollout {r['candidate']} vs {r['baseline']}: {r['status']}, weight {r['weight']:g}, steps {steps}, "
+             f"{r['step_elapsed_s']:.0f} s into the step"]
+    lines += [f"  waits: {w}" for w in r.get("waiting", [])]
+    if r.get("failed"):
+        lines.append(f"  stopped by {r['failed']['guard']}: {r['failed']['text']}")
+    for e in r.get("events", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+        lines.append(f"  {when} {e['decision']:<9} step {e['step']} weight {e['weight']:g}  {e.get('reason', '')}")
     return lines
 
 
@@ -312,6 +336,30 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
         print(f"quantserve ab report: {status}: {message}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(body, indent=2) if args.json else "\n".join(format_report(body)))
+    return EXIT_OK
+
+
+def cmd_ab_action(args: argparse.Namespace) -> int:
+    """promote | rollback | pause | resume: POST /v1/ab/rollout, then print the rollout's state."""
+    from .serve.client import api_base, error_message, post_json
+
+    command = f"quantserve ab {args.ab_command}"
+    try:
+        base = api_base(args.url)
+    except ValueError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    try:
+        status, _, body = post_json(f"{base}/v1/ab/rollout", {"action": args.ab_command}, args.timeout, headers)
+    except OSError as exc:
+        print(f"{command}: cannot reach {base}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if status != 200:
+        print(f"{command}: {status}: {error_message(body)}", file=sys.stderr)
+        return EXIT_FAILED
+    rollout = json.loads(body)["rollout"]
+    print(json.dumps(rollout, indent=2) if args.json else "\n".join(format_rollout(rollout)))
     return EXIT_OK
 
 
@@ -405,10 +453,14 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="cycle through this many user ids (sticky assignment); 0 sends none (default)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="send nothing new after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from quantserve.serve.ramp import add_ramp_arguments
+
+    add_ramp_arguments(p)  # --ramp SCHEDULE [--mix MIX] [--duration] [--interval] [--csv] [--png]
     p.set_defaults(func=cmd_loadtest)
 
-    p = subparsers.add_parser("ab", help="the A/B experiment of a running server: `quantserve ab report`",
-                              description="Read a running quantserve's A/B experiment.")
+    p = subparsers.add_parser("ab", help="the A/B experiment of a running server: report, and rollout control",
+                              description="Read a running quantserve's A/B experiment (`report`), and steer its "
+                                          "progressive rollout by hand (`promote`, `rollback`, `pause`, `resume`).")
     ab = p.add_subparsers(dest="ab_command", required=True, metavar="COMMAND")
     r = ab.add_parser("report", help="per variant: requests, errors, latency with 95%% CIs, fidelity, feedback",
                       description="Fetch GET /v1/ab/report: per variant over a window, requests, error rate, p50/p95 "
@@ -423,3 +475,18 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=cmd_ab_report)
+    actions = {
+        "promote": "give the candidate all of the baseline's traffic now (weight 1.0) and complete the rollout",
+        "rollback": "send the candidate's traffic back to the baseline (weight 0) and stop the rollout",
+        "pause": "hold the rollout at its current weight: no step is judged until `resume`",
+        "resume": "go on from a pause; the step's window starts afresh",
+    }
+    for action, text in actions.items():
+        a = ab.add_parser(action, help=text, description=f"POST /v1/ab/rollout {{\"action\": \"{action}\"}}: {text}. "
+                                                          "Needs experiment.rollout in the serve config; answers "
+                                                          "with the rollout's state.")
+        a.add_argument("--url", default=DEFAULT_URL, help=f"quantserve's base URL (default {DEFAULT_URL})")
+        a.add_argument("--api-key", help="sent as Authorization: Bearer (when the server has API keys)")
+        a.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+        a.add_argument("--json", action="store_true", help="print the rollout's state as JSON")
+        a.set_defaults(func=cmd_ab_action)

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from .config import LimitsConfig, format_validation_error, parse_size_text
+from .rollout import ACTIONS
 
 RESPONSE_FORMATS = ("b64_json", "png")
 MAX_SEED = 2**31 - 1
@@ -79,21 +80,42 @@ class ImageRequest(BaseModel):
         return dict(self.model_extra or {})
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A body that must be one JSON object; RequestError 400 otherwise (integers are bounded while parsing)."""
+    try:
+        data = json.loads(body, parse_int=_bounded_int)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"body: not valid JSON: {exc}"[:300], "body", "invalid_json") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no field of this API nests
+        raise RequestError(400, "body: JSON nested too deeply (no request field holds arrays or objects)", "body",
+                           "invalid_json") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"body: expected a JSON object, got {type(data).__name__}", "body", "invalid_json")
+    return data
+
+
+def parse_action(body: bytes) -> str:
+    """The action of a POST /v1/ab/rollout body {"action": ...}; RequestError (4xx) naming the field otherwise."""
+    data = json_object(body)
+    unknown = sorted(set(data) - {"action"})
+    if unknown:
+        raise RequestError(422, f"{unknown[0][:64]}: unknown field; the body is {{\"action\": one of "
+                                f"{', '.join(ACTIONS)}}}", unknown[0][:64])
+    action = data.get("action")
+    if action not in ACTIONS:
+        shown = repr(action)[:64] if "action" in data else "missing"
+        raise RequestError(422, f"action: got {shown}; accepted: {', '.join(ACTIONS)}", "action",
+                           "invalid_action")
+    return action
+
+
 def parse_body(body: bytes, limits: LimitsConfig, extra_fields: Collection[str] = ()) -> ImageRequest:
     """Parse and bound a request body; a RequestError names the field. `extra_fields`: the extra request fields some
     pipeline family accepts (any other unknown key is refused here)."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body: {len(body)} bytes is over the limit of {limits.max_body_bytes}", "body",
                            "body_too_large")
-    try:
-        data = json.loads(body, parse_int=_bounded_int)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, f"body: not valid JSON: {exc}", "body", "invalid_json") from None
-    except RecursionError:  # nesting deeper than the parser's stack: no field of this API nests
-        raise RequestError(400, "body: JSON nested too deeply (no request field holds arrays or objects)", "body",
-                           "invalid_json") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, f"body: expected a JSON object, got {type(data).__name__}", "body", "invalid_json")
+    data = json_object(body)
     for name in DEFAULTED_FIELDS:  # OpenAI's API takes null for an optional field: its default
         if name in data and data[name] is None:
             del data[name]

@@ -202,6 +202,46 @@ class ShadowConfig(_Strict):
     sample_rate: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class RolloutGuards(_Strict):
+    """What must hold over a rollout step's window for the candidate to move on; a guard set to null is not checked.
+    Fidelity guards (SSIM, pixel MAE) judge the shadow comparisons of the candidate against the baseline."""
+
+    max_error_rate: float | None = Field(0.01, ge=0, le=1, description="the candidate's share of 5xx answers")
+    max_p95_latency_ratio: float | None = Field(1.2, gt=0, le=1000,
+                                                description="candidate p95 latency / baseline p95, same window")
+    min_ssim: float | None = Field(None, ge=-1, le=1, description="mean SSIM of the candidate against the baseline")
+    max_pixel_mae: float | None = Field(None, ge=0, le=1, description="mean absolute pixel difference (0..1)")
+
+    def active(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class RolloutConfig(_Strict):
+    """Progressive rollout: the candidate's share of the candidate + baseline traffic climbs through `steps`; each
+    step lasts at least `step_interval_s` and needs `min_requests` candidate requests, then every guard must hold to
+    move on; one failing guard rolls the candidate back to 0 and stops. The last step (1.0) completes it."""
+
+    candidate: str
+    baseline: str
+    steps: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 1.0], min_length=1, max_length=32)
+    step_interval_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    min_requests: int = Field(200, ge=1, le=10_000_000)
+    min_comparisons: int = Field(10, ge=1, le=1_000_000,
+                                 description="shadow comparisons a step needs before the fidelity guards are judged")
+    guards: RolloutGuards = Field(default_factory=RolloutGuards)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[float]) -> list[float]:
+        if any(not math.isfinite(s) or not 0 < s <= 1 for s in value):
+            raise ValueError(f"every step is a candidate share in (0, 1], got {value}")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"steps must increase, got {value}")
+        if value[-1] != 1.0:
+            raise ValueError(f"the last step must be 1.0 (the candidate takes all of the baseline's traffic), got {value}")
+        return value
+
+
 class ExperimentConfig(_Strict):
     """The A/B split; the Ingress's user_config, so it changes live without restarting replicas."""
 
@@ -209,6 +249,7 @@ class ExperimentConfig(_Strict):
     salt: str = Field("quantserve", min_length=1, max_length=128)
     sticky_key: str = Field("user", description="'user', 'none' or 'header:<Header-Name>'")
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    rollout: RolloutConfig | None = None
 
     @field_validator("weights")
     @classmethod
@@ -233,6 +274,26 @@ class ExperimentConfig(_Strict):
         if self.shadow.variant is not None and self.shadow.variant not in variants:
             raise ValueError(f"experiment.shadow.variant: unknown variant {self.shadow.variant!r}; "
                              f"variants: {', '.join(variants)}")
+        if self.rollout is not None:
+            self._check_rollout(self.rollout, variants)
+
+    def _check_rollout(self, rollout: RolloutConfig, variants: list[str]) -> None:
+        for role in ("candidate", "baseline"):
+            if getattr(rollout, role) not in variants:
+                raise ValueError(f"experiment.rollout.{role}: unknown variant {getattr(rollout, role)!r}; "
+                                 f"variants: {', '.join(variants)}")
+        if rollout.candidate == rollout.baseline:
+            raise ValueError(f"experiment.rollout: candidate and baseline are both {rollout.candidate!r}; "
+                             "name two different variants")
+        weights = self.resolved_weights(variants)
+        if weights[rollout.candidate] + weights[rollout.baseline] <= 0:
+            raise ValueError(f"experiment.weights: the rollout splits the share of {rollout.candidate} + "
+                             f"{rollout.baseline}, which is 0; give either a weight > 0")
+        fidelity = [g for g in ("min_ssim", "max_pixel_mae") if getattr(rollout.guards, g) is not None]
+        if fidelity and (self.shadow.variant != rollout.baseline or self.shadow.sample_rate <= 0):
+            raise ValueError(f"experiment.rollout.guards.{fidelity[0]}: fidelity guards judge shadow comparisons "
+                             f"against the baseline; set experiment.shadow to {{variant: {rollout.baseline}, "
+                             f"sample_rate: > 0}} (it is {self.shadow.model_dump()})")
 
 
 class HTTPConfig(_Strict):

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from .api_schema import RequestError
+from .api_schema import RequestError, json_object
 
 ID_PREFIX = "gen_"
 MAX_ID_CHARS = 200
@@ -70,14 +70,7 @@ class FeedbackBody(BaseModel):
 
 def parse_feedback(body: bytes) -> tuple[str, float]:
     """(id, score) of a feedback body; RequestError (4xx) naming the field otherwise."""
-    import json
-
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise RequestError(400, f"body: not valid JSON: {exc}"[:300], "body", "invalid_json") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, f"body: expected a JSON object, got {type(data).__name__}", "body", "invalid_json")
+    data = json_object(body)
     try:
         parsed = FeedbackBody.model_validate(data)
     except ValidationError as exc:

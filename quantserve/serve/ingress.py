@@ -1,8 +1,8 @@
 """The Ingress deployment: the HTTP API (FastAPI through @serve.ingress), shaped like OpenAI's images API, with the
 A/B router inside it (serve/router.py): a request goes Ingress -> the variant's Diffusion replica, one Ray hop.
 
-POST /v1/images/generations, POST /v1/feedback, GET /v1/models, GET /v1/ab (the live experiment), GET /healthz,
-GET /readyz. A served generation carries a response id (body `id`, header X-Quantserve-Response-Id) that
+POST /v1/images/generations, POST /v1/feedback, GET /v1/models, GET /v1/ab (the live experiment and its rollout),
+GET /v1/ab/report, POST /v1/ab/rollout (promote, rollback, pause, resume), GET /healthz, GET /readyz. A served generation carries a response id (body `id`, header X-Quantserve-Response-Id) that
 /v1/feedback takes.
 Every response carries X-Quantserve-Variant (the variant that served it, or 'none'). With `stream: true` the answer
 is server-sent events in the shape of OpenAI's streaming images API: one `image_generation.progress` event per
@@ -27,7 +27,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .ab import FORCE_HEADER
-from .api_schema import RequestError, error_body, parse_body, to_job
+from .api_schema import RequestError, error_body, parse_action, parse_body, to_job
 from .auth import OPEN_PATHS, ApiKeys
 from .config import LimitsConfig
 from .families import families, known_extra_fields
@@ -201,10 +201,12 @@ class Ingress:
         self.request_timeout_s = request_timeout_s
         self.metrics = IngressMetrics()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve's lightweight update: a new experiment, applied live (an invalid one raises: Serve keeps the
-        replica on the old one)."""
+        replica on the old one). A rollout in it is handed to the application's rollout keeper, which keeps the
+        rollout's state across replica restarts and redeploys of the same config."""
         self.router.reconfigure(user_config)
+        await self.router.configure_rollout()
 
     def _error(self, path: str, status: int, message: str, param: str | None = None, code: str | None = None,
                variant: str = NO_VARIANT, error_id: str | None = None,
@@ -253,8 +255,9 @@ class Ingress:
         """A variant's answer (200 or not) for the report; refusals before any variant was chosen are not its."""
         variant = outcome.get("variant")
         if variant in self.router.schemes:
-            self.log.add(variant, int(outcome.get("status", 500)), time.perf_counter() - arrived,
-                         images if outcome.get("status") == 200 else 0)
+            status, latency_s = int(outcome.get("status", 500)), time.perf_counter() - arrived
+            self.log.add(variant, status, latency_s, images if status == 200 else 0)
+            self.router.record(variant, status, latency_s)
 
     def _prompt_refusal(self, prompt: str) -> str | None:
         """The first variant family's reason when every variant's family refuses the prompt; else None (a variant
@@ -426,8 +429,36 @@ class Ingress:
         extras = {name: {"model_bytes": models.get(name, {}).get("model_bytes"), "scheme": self.router.schemes[name],
                          "fidelity": fidelity.get(name, {}), "feedback": feedback.get(name)} for name in names}
         report = await asyncio.to_thread(build_report, self.log, names, window_s, baseline, extras)
+        rollout = await self.router.rollout_state()
+        if rollout is not None:
+            report["rollout"] = rollout
+            guards = self.router.experiment.rollout.guards.active()
+            for comparison in report["comparisons"]:  # each guard's verdict over the report's window
+                comparison["guards"] = await asyncio.to_thread(
+                    self.router.judge_window, guards, comparison["candidate"], comparison["baseline"], window_s, self.log)
         self.metrics.responded(path, 200, NO_VARIANT)
         return JSONResponse(report)
+
+    @app.post("/v1/ab/rollout")
+    async def rollout_action(self, request: Request) -> Response:
+        """{"action": "promote" | "rollback" | "pause" | "resume"}: manual control of the experiment's rollout."""
+        path = "/v1/ab/rollout"
+        try:
+            body = await read_bounded(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
+            action = parse_action(body)
+        except RequestError as exc:
+            return self._error(path, exc.status, str(exc), exc.param, exc.code)
+        client = request.client.host if request.client else "unknown"
+        try:
+            answer = await self.router.control_rollout(action, f"POST {path} from {client}")
+        except Exception:  # noqa: BLE001
+            return self._internal_error(path, f"the rollout action {action}")
+        if "error" in answer:
+            return self._error(path, answer["status"], answer["error"], "action", "rollout_conflict"
+                               if answer["status"] == 409 else "invalid_action")
+        logger.info("rollout: %s by %s", action, client)
+        self.metrics.responded(path, 200, NO_VARIANT)
+        return JSONResponse(answer)
 
     @app.post("/v1/feedback")
     async def feedback_score(self, request: Request) -> Response:

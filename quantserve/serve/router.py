@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter, defaultdict, deque
@@ -32,6 +33,8 @@ from .config import ExperimentConfig, format_validation_error
 from .fidelity import compare
 from .generation import error_outcome
 from .metrics import RouterMetrics
+from .rollout import judge, split_weights
+from .rollout_keeper import keeper_for
 
 logger = logging.getLogger("quantserve.serve")
 # what a handle raises when the replica process serving a call died (SIGKILL, OOM, node loss)
@@ -40,6 +43,8 @@ REPLICA_DIED = (RayActorError, ActorUnavailableError)
 RECENT_SHADOWS = 20
 RECENT_FIDELITY = 10_000
 INFO_TIMEOUT_S = 10.0
+ROLLOUT_SYNC_S = 1.0      # how often a router sends the rollout keeper its news and takes the rollout's state back
+ROLLOUT_TIMEOUT_S = 10.0
 
 
 class ABRouter:
@@ -53,7 +58,16 @@ class ABRouter:
         self.handles = dict(handles)
         self.retry_after_s = retry_after_s
         self.splitter = Splitter(self.names, {name: 1.0 for name in self.names})
+        self.experiment = ExperimentConfig()
         self.generation = 0
+        # the progressive rollout (serve/rollout.py), kept by a detached actor shared by every Ingress replica
+        self.keeper: Any = None
+        self.rollout: dict[str, Any] | None = None  # its latest state, as the keeper returned it
+        self.rollout_events_seen = 0
+        self.pending_requests: list[tuple] = []
+        self.pending_comparisons: list[tuple] = []
+        self.sync_task: asyncio.Task | None = None
+        self.sync_failures = 0
         self.metrics = RouterMetrics(schemes)
         self.counts: dict[str, Counter[str]] = {name: Counter() for name in self.names}
         self.shadow_tasks: set[asyncio.Task] = set()
@@ -78,10 +92,110 @@ class ABRouter:
             raise ValueError("Ingress user_config (the experiment): " + format_validation_error(exc, "experiment.")
                              ) from None
         experiment.check(self.names)
-        self.splitter = Splitter(self.names, experiment.resolved_weights(self.names), experiment.salt,
-                                 experiment.sticky_key, experiment.shadow.variant, experiment.shadow.sample_rate)
+        self.experiment = experiment
+        if experiment.rollout is None:
+            self.rollout = None
+        elif self.rollout is not None and (self.rollout["candidate"], self.rollout["baseline"]) != (
+                experiment.rollout.candidate, experiment.rollout.baseline):
+            self.rollout = None  # another pair: wait for the keeper's state (configure_rollout) before splitting
+        self._split()
         self.generation += 1
         logger.info("experiment %d: %s", self.generation, self.splitter.describe())
+
+    def _split(self) -> None:
+        """The splitter for the experiment, with the rollout's share applied to its candidate and baseline."""
+        e = self.experiment
+        weights = e.resolved_weights(self.names)
+        if e.rollout is not None:
+            share = self.rollout["weight"] if self.rollout is not None else 0.0  # unknown yet: the baseline's
+            weights = split_weights(weights, e.rollout.candidate, e.rollout.baseline, share)
+        self.splitter = Splitter(self.names, weights, e.salt, e.sticky_key, e.shadow.variant, e.shadow.sample_rate)
+
+    # --- the progressive rollout -------------------------------------------------------------------------------
+    async def configure_rollout(self) -> None:
+        """Hand the experiment's rollout config to the application's keeper (created on first use) and take its
+        state: the same config resumes where the rollout is, even from a new replica. Without a rollout, an
+        existing keeper is told to end it. Raises when the keeper cannot be reached (the replica must not serve a
+        split it cannot know)."""
+        config = self.experiment.rollout
+        if config is None:
+            keeper = self.keeper or await asyncio.to_thread(keeper_for, self.app_name, False)
+            if keeper is not None:
+                await asyncio.wait_for(keeper.configure.remote(None), ROLLOUT_TIMEOUT_S)
+            self.keeper = None
+            self._apply_rollout(None)
+            return
+        if self.keeper is None:
+            self.keeper = await asyncio.to_thread(keeper_for, self.app_name, True)
+        state = await asyncio.wait_for(self.keeper.configure.remote(config.model_dump(mode="json")), ROLLOUT_TIMEOUT_S)
+        self._apply_rollout(state)
+        if self.sync_task is None or self.sync_task.done():
+            self.sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    def _apply_rollout(self, state: dict[str, Any] | None) -> None:
+        before = self.rollout
+        self.rollout = state
+        if state is None:
+            self.rollout_events_seen = 0
+            if before is not None:
+                self._split()
+            return
+        seen = {e["time"] for e in (before or {}).get("events", [])}
+        for event in state["events"]:  # the keeper's decisions, in this replica's log too
+            if event["time"] not in seen and before is not None:
+                logger.info("rollout %s vs %s: %s -> step %d, weight %g (%s)", state["candidate"], state["baseline"],
+                            event["decision"], event["step"], event["weight"], event.get("reason", ""))
+        if before is None or before["version"] != state["version"] or before["weight"] != state["weight"]:
+            self._split()
+
+    async def _sync_loop(self) -> None:
+        while self.keeper is not None:
+            await asyncio.sleep(ROLLOUT_SYNC_S)
+            await self.sync_rollout()
+
+    async def sync_rollout(self) -> None:
+        """Send the keeper the requests and comparisons since the last sync; apply the state it returns."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        requests, self.pending_requests = self.pending_requests, []
+        comparisons, self.pending_comparisons = self.pending_comparisons, []
+        try:
+            state = await asyncio.wait_for(keeper.sync.remote(requests, comparisons), ROLLOUT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the keeper restarting: keep the last split, say so now and then
+            self.sync_failures += 1
+            if self.sync_failures in (1, 10) or self.sync_failures % 60 == 0:
+                logger.warning("rollout keeper unreachable (%d tries): %s: %s", self.sync_failures,
+                               type(exc).__name__, exc)
+            return
+        self.sync_failures = 0
+        if keeper is self.keeper:
+            self._apply_rollout(state)
+
+    def record(self, variant: str, status: int, latency_s: float) -> None:
+        """One answered generation (the Ingress's log), for the rollout's step window."""
+        if self.keeper is not None and self.rollout is not None and variant in (
+                self.rollout["candidate"], self.rollout["baseline"]):
+            self.pending_requests.append((time.time(), variant, status, latency_s))
+
+    async def control_rollout(self, action: str, who: str) -> dict[str, Any]:
+        """A manual action (promote, rollback, pause, resume): {"rollout": state} or {"error", "status"}."""
+        if self.keeper is None:
+            return {"status": 409, "error": "no rollout in the experiment: add experiment.rollout to the serve "
+                                            "config and deploy it"}
+        answer = await asyncio.wait_for(self.keeper.control.remote(action, who), ROLLOUT_TIMEOUT_S)
+        if "rollout" in answer:
+            self._apply_rollout(answer["rollout"])
+        return answer
+
+    async def rollout_state(self) -> dict[str, Any] | None:
+        """The keeper's state now (this replica's last copy when the keeper does not answer)."""
+        if self.keeper is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.keeper.state.remote(), ROLLOUT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001
+            return self.rollout
 
     async def generate(self, job: dict[str, Any], model: str | None = None, forced: str | None = None,
                        user: str | None = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -195,6 +309,8 @@ class ABRouter:
         self.shadow_counts["ok"] += 1
         self.fidelity_sums[(variant, shadow)] += [1, fidelity.mae, fidelity.psnr, fidelity.ssim, compare_ms]
         self.fidelity_recent[(variant, shadow)].append((time.time(), fidelity.mae, fidelity.psnr, fidelity.ssim))
+        if self.keeper is not None:
+            self.pending_comparisons.append((time.time(), variant, shadow, fidelity.mae, fidelity.psnr, fidelity.ssim))
         self.shadow_diffs.append({"variant": variant, "shadow_variant": shadow, "pixel_diff": fidelity.mae,
                                   **fidelity.to_dict(), "compare_ms": round(compare_ms, 3),
                                   "seed": job["seed"], "n": job["n"], "time": time.time()})
@@ -208,6 +324,7 @@ class ABRouter:
             "generation": self.generation,
             "router": {"replica": self.replica, "pid": os.getpid(), "started": self.started},
             "assignments": {name: dict(c) for name, c in self.counts.items()},
+            "rollout": await self.rollout_state(),
             "shadow": {"runs": dict(self.shadow_counts), "in_flight": len(self.shadow_tasks),
                        "mean_pixel_diff": sum(t[1] for t in self.fidelity_sums.values()) / ok if ok else None, "recent": list(self.shadow_diffs),
                        "fidelity": [{"variant": v, "reference": r, "runs": int(t[0]), "mean_mae": t[1] / t[0],
@@ -231,6 +348,20 @@ class ABRouter:
                 "psnr_p5": round(float(np.percentile(psnr, 5)), 2), "mae_mean": round(float(mae.mean()), 5),
                 "mae_p95": round(float(np.percentile(mae, 95)), 5)}
         return out
+
+    def judge_window(self, guards: dict[str, float], candidate: str, baseline: str, window_s: float | None,
+                     log: Any = None, now: float | None = None) -> list[dict[str, Any]]:
+        """Each guard's verdict for candidate vs baseline over the report's window (the rollout judges its steps
+        the same way, in the keeper): [{guard, value, limit, holds, text}], or a 'waits' entry per guard short of
+        data."""
+        now = time.time() if now is None else now
+        since = -math.inf if window_s is None else now - window_s
+        requests = [(r.time, r.variant, r.status, r.latency_s) for r in (log.records if log is not None else ())
+                    if r.time >= since]
+        comparisons = [(t, candidate, baseline, mae, psnr, ssim)
+                       for t, mae, psnr, ssim in self.fidelity_recent.get((candidate, baseline), ()) if t >= since]
+        results, waiting = judge(guards, candidate, baseline, requests, comparisons)
+        return [r.to_dict() for r in results] + [{"waits": w} for w in waiting]
 
     async def models(self) -> list[dict[str, Any]]:
         """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable."""

@@ -45,8 +45,10 @@ class RunningApp:
         try:
             yield state
         finally:
+            now = self.get("/v1/ab").json()  # the Ingress replica may be another one by now (a test killed it)
             submit(parse_config(self.base_config))
-            wait_for(lambda: self.get("/v1/ab").json()["generation"] > state["generation"], 60,
+            wait_for(lambda: (s := self.get("/v1/ab").json())["generation"] > now["generation"]
+                     or s["router"]["pid"] != now["router"]["pid"], 60,
                      "the Ingress to take the original experiment back")
 
 
