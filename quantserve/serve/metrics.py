@@ -14,6 +14,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 MODEL_TAGS = ("variant", "backend", "scheme", "kernel")
 FIDELITY_TAGS = ("variant", "scheme", "reference", "reference_scheme")
+ROLLOUT_TAGS = ("application", "candidate", "baseline")  # set by the keeper itself: it is not a Serve replica
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 DIFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
@@ -120,3 +121,33 @@ class IngressMetrics:
         sign = "positive" if score > 0 else "negative" if score < 0 else "neutral"
         self.feedback.inc(tags={"variant": variant, "sign": sign})
         self.feedback_mean.set(mean, tags={"variant": variant})
+
+
+class RolloutMetrics:
+    """A progressive rollout's weight, decisions and guard figures, recorded once per application by its rollout
+    keeper (serve/rollout_keeper.py; outside Serve's replicas, so Serve adds no tags and `application` is ours)."""
+
+    def __init__(self) -> None:
+        self.weight = Gauge("quantserve_ab_rollout_weight", tag_keys=ROLLOUT_TAGS,
+                            description="The rollout candidate's share of the candidate + baseline traffic.")
+        self.decisions = Counter("quantserve_ab_rollout_decisions", tag_keys=ROLLOUT_TAGS + ("decision", "guard"),
+                                 description="Rollout decisions: start, advance, complete, rollback (guard: the one "
+                                             "that failed), and the manual promote, rollback, pause, resume.")
+        self.guard_value = Gauge("quantserve_ab_rollout_guard_value", tag_keys=ROLLOUT_TAGS + ("guard",),
+                                 description="Each rollout guard's figure over the current step's window "
+                                             "(error rate, p95 latency ratio, mean SSIM, mean pixel MAE).")
+        self.guard_limit = Gauge("quantserve_ab_rollout_guard_limit", tag_keys=ROLLOUT_TAGS + ("guard",),
+                                 description="Each rollout guard's limit.")
+
+    def decided(self, tags: Mapping[str, str], decision: str, guard: str) -> None:
+        self.decisions.inc(tags={**tags, "decision": decision, "guard": guard})
+
+    def export(self, tags: Mapping[str, str], weight: float, limits: Mapping[str, Any],
+               results: list[dict[str, Any]]) -> None:
+        """The weight now, every guard's limit and the latest figure of each guard judged."""
+        self.weight.set(weight, tags=dict(tags))
+        for guard, limit in limits.items():
+            if limit is not None:
+                self.guard_limit.set(float(limit), tags={**tags, "guard": guard})
+        for result in results:
+            self.guard_value.set(float(result["value"]), tags={**tags, "guard": result["guard"]})

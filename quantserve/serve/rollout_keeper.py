@@ -23,15 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
-from ray.util.metrics import Counter, Gauge
 
+from .metrics import RolloutMetrics
 from .rollout import ACTIONS, Rollout, RolloutActionError, fingerprint
 
 logger = logging.getLogger("quantserve.serve")
 
 KEEPER_NAMESPACE = "quantserve"  # the Ray namespace of the keeper actors (Serve's replicas live in "serve")
 KV_NAMESPACE = "quantserve"
-ROLLOUT_TAGS = ("application", "candidate", "baseline")
 
 
 def keeper_name(app_name: str) -> str:
@@ -58,16 +57,7 @@ class RolloutKeeper:
             self.rollout, self.fingerprint = Rollout.from_dict(data["rollout"]), data["fingerprint"]
             logger.info("rollout %s: restored at step %d (weight %g, %s)", app_name, self.rollout.step,
                         self.rollout.weight, self.rollout.status)
-        self.weight_gauge = Gauge("quantserve_ab_rollout_weight", tag_keys=ROLLOUT_TAGS,
-                                  description="The rollout candidate's share of the candidate + baseline traffic.")
-        self.decisions = Counter("quantserve_ab_rollout_decisions", tag_keys=ROLLOUT_TAGS + ("decision", "guard"),
-                                 description="Rollout decisions: start, advance, complete, rollback (guard: the one "
-                                             "that failed), and the manual promote, rollback, pause, resume.")
-        self.guard_value = Gauge("quantserve_ab_rollout_guard_value", tag_keys=ROLLOUT_TAGS + ("guard",),
-                                 description="Each rollout guard's figure over the current step's window "
-                                             "(error rate, p95 latency ratio, mean SSIM, mean pixel MAE).")
-        self.guard_limit = Gauge("quantserve_ab_rollout_guard_limit", tag_keys=ROLLOUT_TAGS + ("guard",),
-                                 description="Each rollout guard's limit.")
+        self.metrics = RolloutMetrics()
         self._export()
 
     # --- called by the routers ------------------------------------------------------------------------------
@@ -121,7 +111,7 @@ class RolloutKeeper:
         assert r is not None
         logger.info("rollout %s: %s %s -> step %d, weight %g (%s)", self.app_name, event["decision"], r.candidate,
                     event["step"], event["weight"], event.get("reason", ""))
-        self.decisions.inc(tags={**self._tags(), "decision": event["decision"], "guard": event.get("guard", "none")})
+        self.metrics.decided(self._tags(), event["decision"], event.get("guard", "none"))
         self._save()
         self._export()
 
@@ -130,15 +120,8 @@ class RolloutKeeper:
         return {"application": self.app_name, "candidate": r.candidate if r else "", "baseline": r.baseline if r else ""}
 
     def _export(self) -> None:
-        if self.rollout is None:
-            return
-        tags = self._tags()
-        self.weight_gauge.set(self.rollout.weight, tags=tags)
-        for guard, limit in self.rollout.config["guards"].items():
-            if limit is not None:
-                self.guard_limit.set(float(limit), tags={**tags, "guard": guard})
-        for result in self.rollout.guards:
-            self.guard_value.set(float(result["value"]), tags={**tags, "guard": result["guard"]})
+        if self.rollout is not None:
+            self.metrics.export(self._tags(), self.rollout.weight, self.rollout.config["guards"], self.rollout.guards)
 
     def _save(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put

@@ -31,6 +31,10 @@ REQUIRED_PANELS = {  # what the dashboard must show -> a title that shows it
     "replica counts": "Replicas per variant",
     "A/B split": "A/B split",
     "shadow difference": "Shadow difference",
+    "SSIM against the reference": "Fidelity: SSIM against the reference",
+    "rollout weight": "Rollout: candidate weight",
+    "rollout decisions": "Rollout decisions",
+    "p95 latency ratio": "Rollout: p95 latency ratio, candidate / baseline",
 }
 
 
