@@ -35,6 +35,7 @@ DEFAULT_INTERVAL_S = 5.0
 MIN_INTERVAL_S = 0.5
 MAX_DURATION_S = 24 * 3600.0
 READYZ_TIMEOUT_S = 5.0
+NETWORK_ERROR_PAUSE_S = 0.25
 GENERATIONS_PATH = "/v1/images/generations"
 
 RAMP_HELP = (
@@ -247,7 +248,7 @@ def timeline_row(outcomes: Sequence[Outcome], schedule: Sequence[SchedulePoint],
         "p50_ms": _ms(percentile(latencies, 50) * 1000) if latencies else None,
         "p95_ms": _ms(percentile(latencies, 95) * 1000) if latencies else None,
         "queue_ms": _ms(sum(queues) / len(queues)) if queues else None,
-        "error_statuses": " ".join(f"{status}x{count}" for status, count in sorted(failed.items())),
+        "error_statuses": ", ".join(f"{status} x{count}" for status, count in sorted(failed.items())),
         "replicas": dict(sorted(replicas.items())) if replicas is not None else None,
     }
 
@@ -474,6 +475,8 @@ def run_ramp(url: str, schedule: Sequence[SchedulePoint], mix: Sequence[MixEntry
                 done = dict(status=f"error:{type(exc).__name__}", queue_ms=None, variant=None)
             with lock:
                 outcomes[index] = replace(outcomes[index], end_s=now(), **done)
+            if str(done["status"]).startswith("error:"):
+                stop.wait(NETWORK_ERROR_PAUSE_S)  # no answer at all: do not spin against a server that is not there
 
     # The replicas per variant, read in the background (a busy Ingress may take seconds to answer /readyz): a row
     # shows the latest reading, or None when there has been none for 3 intervals.
@@ -577,11 +580,11 @@ def add_ramp_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--png", metavar="PATH", help="write the timeline as a PNG plot")
 
 
-def cmd_ramp(args: argparse.Namespace) -> int:
+def cmd_ramp(args: argparse.Namespace, base_body: Mapping[str, Any]) -> int:
     """`quantserve loadtest --ramp ...`: 0 when every request was answered 200, 1 when any failed (or none was
-    sent), 2 for a usage error."""
+    sent), 2 for a usage error. base_body: the request the loadtest options describe (serve_cli's
+    _request_body(args); serve may not import the CLI), which each mix entry's size, steps and n override."""
     from quantserve.kernels.atomic_write import atomic_write_bytes, atomic_write_text
-    from quantserve.serve_cli import _request_body
 
     prog = "quantserve loadtest"
     mix = args.mix or (MixEntry(),)
@@ -593,7 +596,7 @@ def cmd_ramp(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    body = _request_body(args)
+    body = dict(base_body)
     quiet = bool(getattr(args, "json", False))
     if not quiet:
         mix_text = ", ".join(f"{e.label} x{e.weight:g}" for e in mix)

@@ -24,6 +24,12 @@ from quantserve.serve.ramp import (
 )
 
 
+def _request_body(args: argparse.Namespace) -> dict[str, Any]:
+    from quantserve.serve_cli import _request_body as body
+
+    return body(args)
+
+
 def ramp_parser() -> argparse.ArgumentParser:
     """The loadtest parser's request options plus the ramp's, as `quantserve loadtest` has them."""
     from quantserve.serve_cli import _add_request_options
@@ -152,10 +158,10 @@ def test_the_timeline_aggregates_each_interval():
     assert rows[1]["p50_ms"] == 1200.0 and rows[1]["p95_ms"] == 2900.0
     assert rows[0]["queue_ms"] == 20.0 and rows[1]["queue_ms"] == 50.0  # only the answers that carried it
     assert rows[2]["p50_ms"] is None and rows[2]["queue_ms"] is None
-    assert rows[1]["error_statuses"] == "503x1" and rows[2]["error_statuses"] == "error:ConnectionResetErrorx1"
+    assert rows[1]["error_statuses"] == "503 x1" and rows[2]["error_statuses"] == "error:ConnectionResetError x1"
     assert rows[1]["replicas"] == {"bf16": 2, "nf4": 1} and rows[2]["replicas"] is None
     line = format_row(rows[1])
-    assert "bf16=2 nf4=1" in line and "errors: 503x1" in line
+    assert "bf16=2 nf4=1" in line and "errors: 503 x1" in line
     assert "?" in format_row(rows[2])  # /readyz did not answer
 
     t = totals(synthetic(), 6.0)
@@ -172,7 +178,7 @@ def test_the_csv_has_the_columns_and_one_replica_column_per_variant():
     assert list(table[0]) == [*CSV_COLUMNS, "replicas_bf16", "replicas_nf4", "replicas_tight"]
     assert len(table) == 3
     assert table[0]["replicas_tight"] == "" and table[1]["replicas_tight"] == "1" and table[2]["replicas_bf16"] == ""
-    assert table[1]["p95_ms"] == "2900.0" and table[1]["errors"] == "1" and table[1]["error_statuses"] == "503x1"
+    assert table[1]["p95_ms"] == "2900.0" and table[1]["errors"] == "1" and table[1]["error_statuses"] == "503 x1"
 
 
 def test_the_png_is_a_real_plot(tmp_path: Path):
@@ -277,7 +283,7 @@ def test_the_command_writes_csv_and_png_and_fails_when_a_request_fails(stub: Stu
     csv_path, png_path = tmp_path / "t.csv", tmp_path / "t.png"
     args = p.parse_args(["--url", stub.url, "--ramp", "0:2", "--duration", "1.5", "--interval", "0.5",
                          "--size", "16x16", "--csv", str(csv_path), "--png", str(png_path)])
-    assert cmd_ramp(args) == 0
+    assert cmd_ramp(args, _request_body(args)) == 0
     out = capsys.readouterr().out
     assert "clients" in out and "a=2 b=0" in out and "answered" in out and f"wrote {png_path}" in out
     table = list(csv.DictReader(csv_path.open()))
@@ -288,7 +294,7 @@ def test_the_command_writes_csv_and_png_and_fails_when_a_request_fails(stub: Stu
 
     args = p.parse_args(["--url", stub.url, "--ramp", "0:1", "--duration", "1", "--interval", "0.5",
                          "--mix", "16x16=1,99x99=1", "--json"])
-    assert cmd_ramp(args) == 1
+    assert cmd_ramp(args, _request_body(args)) == 1
     report = json.loads(capsys.readouterr().out)
     failed = report["totals"]["by_status"]["503"]
     assert failed > 0 and report["totals"]["errors"] == failed
@@ -303,7 +309,7 @@ def test_an_unreachable_server_fails_every_request_and_the_command(capsys: pytes
     assert all(k.startswith("error:") for k in t["by_status"])
     assert all(r["replicas"] is None for r in rows)
     args = ramp_parser().parse_args(["--url", url, "--ramp", "0:1", "--duration", "0.6", "--interval", "0.5"])
-    assert cmd_ramp(args) == 1
+    assert cmd_ramp(args, _request_body(args)) == 1
     assert "errors" in capsys.readouterr().out
     with pytest.raises(RampError, match="^--interval: "):
         run_ramp(url, parse_schedule("0:1"), duration_s=2, interval_s=5)
