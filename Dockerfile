@@ -46,6 +46,14 @@ tqdm==4.70.1
 pillow==13.0.0
 torchmetrics==1.9.0
 lightning-utilities==0.15.3
+matplotlib==3.11.2
+contourpy==1.3.3
+cycler==0.12.1
+fonttools==4.69.1
+kiwisolver==1.5.1
+pyparsing==3.3.3
+python-dateutil==4.0.0
+six==1.17.0
 scikit-learn==1.9.1
 scipy==1.17.1
 psutil==7.2.2

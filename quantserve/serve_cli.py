@@ -252,7 +252,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if getattr(args, "ramp", None):  # a load that follows a schedule, with a timeline (serve/ramp.py)
         from quantserve.serve.ramp import cmd_ramp
 
-        return cmd_ramp(args)
+        return cmd_ramp(args, _request_body(args))
     try:
         url = generations_url(args.url)
     except ValueError as exc:

@@ -157,5 +157,8 @@ class Diffusion:
         return {**self.loaded.info(), "replica": self.replica, "pid": os.getpid(), "started": self.started}
 
     async def check_health(self) -> None:
-        """Ray Serve calls this periodically; an exception marks the replica unhealthy and Ray restarts it."""
+        """Ray Serve calls this periodically; an exception marks the replica unhealthy and Ray restarts it. It also
+        refreshes the model-bytes gauge: Ray's metrics agent drops a gauge not set for two export intervals (20 s),
+        and the dashboard counts replicas by it, idle ones included."""
         await asyncio.to_thread(self.generator.health)
+        self.metrics.model_bytes.set(self.loaded.report.model_bytes)

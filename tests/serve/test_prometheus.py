@@ -156,9 +156,15 @@ def _shadow_runs(app: RunningApp) -> int:
     return sum(app.get("/v1/ab").json()["shadow"]["runs"].values())
 
 
+# a quick, permissive rollout of nf4 over bf16 (the rollout panels): the forced requests below feed its guards
+ROLLOUT = {"candidate": "nf4", "baseline": "bf16", "steps": [0.5, 1.0], "step_interval_s": 1.0, "min_requests": 1,
+           "min_comparisons": 1, "guards": {"max_error_rate": 1.0, "max_p95_latency_ratio": 1000.0, "min_ssim": -1.0,
+                                            "max_pixel_mae": 1.0}}
+
+
 def drive_dashboard_traffic(app: RunningApp) -> None:
     """Traffic that gives every panel of the dashboard data; run under a shadow experiment (bf16 shadows the
-    other variants). Add here what a new panel needs."""
+    other variants) with ROLLOUT. Add here what a new panel needs."""
     shadows_before = _shadow_runs(app)
     # generations on both variants (requests, images, steps, latencies, images/s, GEMM samples: both variants have
     # gemm_sample_every 1), forced and assigned (A/B assignments by reason); nf4's response is shadowed by bf16
@@ -208,7 +214,7 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(app: RunningA
     pending = dict(checks)
     answers: dict[str, dict[str, Any]] = {}
     with prometheus_server(f"127.0.0.1:{ray_cluster['metrics_port']}") as prometheus, \
-            app.experiment(shadow={"variant": "bf16", "sample_rate": 1.0}):
+            app.experiment(shadow={"variant": "bf16", "sample_rate": 1.0}, rollout=ROLLOUT):
         drive_dashboard_traffic(app)
         try:
             wait_for(all_scraped, SCRAPED_WAIT_S, "Prometheus to scrape every metric of the dashboard", poll_s=1)

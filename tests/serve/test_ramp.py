@@ -182,7 +182,6 @@ def test_the_csv_has_the_columns_and_one_replica_column_per_variant():
 
 
 def test_the_png_is_a_real_plot(tmp_path: Path):
-    pytest.importorskip("matplotlib", reason="--png needs matplotlib (a dependency of quantserve's serving)")
     rows = build_timeline(synthetic(), parse_schedule("0:2,2:4"), 2.0, 6.0, [{"bf16": 1, "nf4": 1}] * 3)
     path = tmp_path / "ramp.png"
     path.write_bytes(render_png(rows, totals(synthetic(), 6.0), title="test"))
@@ -278,7 +277,6 @@ def test_a_ramp_follows_the_schedule_and_reports_every_interval(stub: Stub):
 
 def test_the_command_writes_csv_and_png_and_fails_when_a_request_fails(stub: Stub, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]):
-    pytest.importorskip("matplotlib", reason="--png needs matplotlib (a dependency of quantserve's serving)")
     p = ramp_parser()
     csv_path, png_path = tmp_path / "t.csv", tmp_path / "t.png"
     args = p.parse_args(["--url", stub.url, "--ramp", "0:2", "--duration", "1.5", "--interval", "0.5",
