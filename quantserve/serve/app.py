@@ -53,6 +53,7 @@ def build_application(cfg: ServeConfig) -> Application:
             max_constructor_retry_count=3,  # a model that fails to load fails the deploy soon, with its reason
         ).bind(v.model_dump(mode="json"), cfg.variant_limits(v.name).to_dict(), i)
         variants[v.name] = {"scheme": v.scheme_label, "deployment": v.deployment_name, "handle": handle,
+                            "min_replicas": v.autoscaling.min_replicas,
                             "family": resolve(v.model, f"variants.{i}.model")[0].name}
     return Ingress.options(
         name=EXPERIMENT_DEPLOYMENT,

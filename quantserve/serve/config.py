@@ -42,23 +42,43 @@ class _Strict(BaseModel):
 
 
 class AutoscalingConfig(_Strict):
-    """Ray Serve autoscaling of one variant's replicas."""
+    """Ray Serve autoscaling of one variant's replicas.
 
-    min_replicas: int = Field(1, ge=1, le=64)
+    `policy: requests` is Ray's own policy (replicas = ongoing requests / target_ongoing_requests). `policy: work`
+    is quantserve's (serve/autoscaling.py): each replica reports its pending work in seconds, estimated from the
+    variant's measured seconds per image-step at each size, and the variant gets enough replicas to keep the
+    expected queue wait at `target_wait_s`. `min_replicas: 0` lets an idle variant go to zero replicas after
+    `downscale_to_zero_delay_s`; its next request waits for a cold start."""
+
+    policy: Literal["requests", "work"] = "requests"
+    min_replicas: int = Field(1, ge=0, le=64)
     max_replicas: int = Field(1, ge=1, le=64)
-    target_ongoing_requests: float = Field(4.0, gt=0, le=1024)
+    target_ongoing_requests: float = Field(4.0, gt=0, le=1024, description="policy: requests")
+    target_wait_s: float = Field(2.0, gt=0, le=3600, description="policy: work; the queue wait to keep")
     upscale_delay_s: float = Field(5.0, ge=0, le=3600)
     downscale_delay_s: float = Field(60.0, ge=0, le=3600)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, le=24 * 3600,
+                                                    description="1 -> 0 after this long idle (min_replicas: 0); "
+                                                                "default: downscale_delay_s")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.downscale_to_zero_delay_s is not None and self.min_replicas > 0:
+            raise ValueError("downscale_to_zero_delay_s needs min_replicas: 0 (it is the delay from 1 replica to 0)")
         return self
 
     def to_ray(self) -> dict[str, Any]:
-        d = self.model_dump()
-        d["initial_replicas"] = self.min_replicas
+        """Ray Serve's autoscaling_config; a variant may start at zero only when min_replicas is 0."""
+        d = self.model_dump(exclude={"policy", "target_wait_s", "downscale_to_zero_delay_s"})
+        d["initial_replicas"] = max(1, self.min_replicas)  # a deploy proves the variant loads, even one that idles at 0
+        if self.downscale_to_zero_delay_s is not None:
+            d["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        if self.policy == "work":
+            from .autoscaling import ray_policy_config
+
+            d["policy"] = ray_policy_config(self.target_wait_s)
         return d
 
 

@@ -1,6 +1,8 @@
 """The Diffusion deployment: one per variant. Loads the variant through its pipeline family at start, batches
 compatible requests with @serve.batch, streams one request's denoising steps, records the model metrics, and checks
-its health with a tiny forward of the variant's own denoiser."""
+its health with a tiny forward of the variant's own denoiser. It times its own start by phase (cold start), and
+reports its pending work in seconds to Ray Serve's autoscaler (`record_autoscaling_stats`, read by the work-aware
+policy in serve/autoscaling.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ from .gemm_probe import GemmProbe
 from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
 from .metrics import VariantMetrics
 from .protocol import ClientError, GenerationCancelled
+from .autoscaling import WorkEstimator
 from .tuning import tune_on_start
+
+
+def _process_started() -> float:
+    """When this worker process started (time.time() scale)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _batch_images(jobs: list[dict[str, Any]]) -> int:
@@ -32,19 +42,30 @@ class Diffusion:
     /v1/models reads `info()`."""
 
     def __init__(self, variant: dict[str, Any], limits: dict[str, Any] | None = None, index: int | None = None):
+        began = time.perf_counter()
+        # the worker process's start, Ray's set-up and the imports, up to this constructor
+        self.cold_start = {"process": max(0.0, time.time() - _process_started())}
         self.config = VariantConfig.model_validate(variant)
         torch.set_num_threads(self.config.resources.torch_threads)
         field = f"variants.{index}.model" if index is not None else f"variants[{self.config.name}].model"
+        mark = time.perf_counter()
         self.loaded = load_variant(self.config, ResolvedLimits.from_dict(limits) if limits else None, field)
+        self.cold_start["load"], mark = time.perf_counter() - mark, time.perf_counter()  # read (+ quantize) weights
         # tune what the cache lacks for this device (the second replica of a variant finds the first one's results)
         self.loaded.tuning = tune_on_start(self.loaded.engine, self.config, self.loaded.device)
+        self.cold_start["autotune"], mark = time.perf_counter() - mark, time.perf_counter()
         self.probe = GemmProbe(self.loaded.engine.modules, self.config.gemm_sample_every)
         self.generator = BatchGenerator(self.loaded, self.probe)
         self.generator.health()  # fail the start, not the first request, when the model cannot compute
+        self.cold_start["health"] = time.perf_counter() - mark  # the first forward: kernels built on first use
+        self.cold_start["total"] = self.cold_start["process"] + (time.perf_counter() - began)
+        self.work = WorkEstimator()  # pending work in seconds, for the work-aware autoscaling policy
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self.metrics = VariantMetrics(self.config.name, self.loaded.backend, self.loaded.scheme, self.loaded.kernel)
         self.metrics.model_bytes.set(self.loaded.report.model_bytes)
+        for phase, seconds in self.cold_start.items():
+            self.metrics.cold_start.observe(seconds, tags={"phase": phase})
         self._batched.set_max_batch_size(self.config.batching.max_batch_images)
         self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
 
@@ -73,10 +94,13 @@ class Diffusion:
         normal, refused = self._prepare(job)
         if normal is None:  # refused before it could join a batch: the batch key needs a normalised job
             return self._finish(refused, arrived)
+        self.work.start(id(normal), normal["width"], normal["height"], normal["steps"], normal["n"])
         try:
             outcome = await self._batched(normal)
         except Exception as exc:  # noqa: BLE001 - e.g. @serve.batch rejecting an oversized job
             outcome = error_outcome(exc, f"variant {self.config.name}")
+        finally:
+            self.work.finish(id(normal), None)  # gone from the pending work (its batch taught the rate already)
         timing = outcome.setdefault("timing", {})
         timing["replica"] = (time.perf_counter() - arrived) * 1000
         timing["queue"] = max(0.0, timing["replica"] - timing.get("generate", 0.0) - timing.get("encode", 0.0))
@@ -102,7 +126,11 @@ class Diffusion:
                 raise GenerationCancelled(f"the stream closed after step {done} of {total}")
             loop.call_soon_threadsafe(steps.put_nowait, (done, total))
 
+        self.work.start(id(normal), normal["width"], normal["height"], normal["steps"], normal["n"])
+        self.work.begin(id(normal))  # a stream takes turns with the batches: counted as running at once
         task = asyncio.ensure_future(asyncio.to_thread(self.generator.run, [normal], on_step))
+        task.add_done_callback(lambda t: self.work.finish(
+            id(normal), None if t.cancelled() or t.exception() else t.result()[1].seconds))
         try:
             while not task.done():
                 getter = asyncio.ensure_future(steps.get())
@@ -130,7 +158,16 @@ class Diffusion:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_batch_images)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        outcomes, stats = await asyncio.to_thread(self.generator.run, jobs)
+        ids = [id(job) for job in jobs]
+        for job_id in ids:
+            self.work.begin(job_id)
+        try:
+            outcomes, stats = await asyncio.to_thread(self.generator.run, jobs)
+        except BaseException:
+            self.work.finish_batch(ids, None)
+            raise
+        ok = all(o["status"] == 200 for o in outcomes)
+        self.work.finish_batch(ids, stats.seconds - stats.encode_seconds if ok else None)  # the rate per image-step
         self._record(jobs, outcomes, stats)
         timing = {"generate": (stats.seconds - stats.encode_seconds) * 1000, "encode": stats.encode_seconds * 1000}
         for outcome in outcomes:  # the batch's times, for the Server-Timing header of each of its requests
@@ -153,8 +190,15 @@ class Diffusion:
             m.gemm_calls.inc(sample.calls, tags=tags)
 
     async def info(self) -> dict[str, Any]:
-        """The variant's scheme, config, bytes and kernels, and which replica answered."""
-        return {**self.loaded.info(), "replica": self.replica, "pid": os.getpid(), "started": self.started}
+        """The variant's scheme, config, bytes and kernels, which replica answered, its cold start by phase and its
+        pending work."""
+        return {**self.loaded.info(), "replica": self.replica, "pid": os.getpid(), "started": self.started,
+                "cold_start_s": {k: round(v, 3) for k, v in self.cold_start.items()},
+                "work": {**self.work.stats(), "s_per_image_step": self.work.rates()}}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve asks each replica for these; the work-aware policy sizes the variant by pending_work_s."""
+        return self.work.stats()
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; an exception marks the replica unhealthy and Ray restarts it. It also

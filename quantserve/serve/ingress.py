@@ -193,7 +193,8 @@ class Ingress:
         self.response_ids = ResponseIds(feedback_key(serve.get_replica_context().app_name, keys.hex_digests()))
         self.router = ABRouter({n: v["scheme"] for n, v in variants.items()},
                                {n: v["deployment"] for n, v in variants.items()},
-                               {n: v["handle"] for n, v in variants.items()}, retry_after_s)
+                               {n: v["handle"] for n, v in variants.items()}, retry_after_s,
+                               {n: v.get("min_replicas", 1) for n, v in variants.items()})
         self.limits = app.state.limits = LimitsConfig.model_validate(limits)
         self.extra_fields = known_extra_fields()
         registry = families()  # the variants' families judge prompts here when they can do so without a model

@@ -19,6 +19,7 @@ LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 DIFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
 PSNR_BUCKETS = [10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0, 100.0]  # dB; identical images count as 100
+COLD_START_BUCKETS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 SSIM_BUCKETS = [0.25, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0]  # Ray wants positive bounds: SSIM <= 0.25 (even negative) lands in the first
 
 
@@ -45,10 +46,15 @@ class VariantMetrics:
                                  tag_keys=MODEL_TAGS)
         self.gemm_calls = Counter("quantserve_gemm_sampled_calls",
                                   description="GEMM layer calls timed by the sampler.", tag_keys=MODEL_TAGS)
+        self.cold_start = Histogram("quantserve_cold_start_seconds", boundaries=COLD_START_BUCKETS,
+                                    tag_keys=MODEL_TAGS + ("phase",),
+                                    description="A replica's start by phase: process (worker start, Ray, imports), "
+                                                "load (weights read, quantized when not pre-quantized), autotune, "
+                                                "health (the first forward, kernels built on first use), total.")
         self.model_bytes = Gauge("quantserve_model_bytes", description="Bytes of the loaded model (weights and buffers).",
                                  tag_keys=MODEL_TAGS)
         for metric in (self.requests, self.images, self.steps, self.request_latency, self.step_latency,
-                       self.images_per_second, self.gemm_gflops, self.gemm_calls, self.model_bytes):
+                       self.images_per_second, self.gemm_gflops, self.gemm_calls, self.model_bytes, self.cold_start):
             metric.set_default_tags(dict(self.tags))  # Ray Serve adds its own tags to the dict it is given
 
     def with_kernel(self, backend: str, kernel: str) -> dict[str, str]:

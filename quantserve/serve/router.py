@@ -51,8 +51,11 @@ class ABRouter:
     """Routes jobs to the Diffusion deployments by the experiment (inside an Ingress replica)."""
 
     def __init__(self, schemes: dict[str, str], deployments: dict[str, str], handles: dict[str, Any],
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, min_replicas: dict[str, int] | None = None):
         self.names = list(schemes)
+        # a variant with min_replicas 0 may be at zero replicas: a request waits for its cold start, and neither
+        # /readyz nor /v1/models wakes it
+        self.may_idle = {name for name, n in (min_replicas or {}).items() if n == 0}
         self.schemes = dict(schemes)
         self.deployments = dict(deployments)
         self.handles = dict(handles)
@@ -364,8 +367,14 @@ class ABRouter:
         return [r.to_dict() for r in results] + [{"waits": w} for w in waiting]
 
     async def models(self) -> list[dict[str, Any]]:
-        """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable."""
+        """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable,
+        one scaled to zero as such (asking it would start a replica)."""
+        running = await self._running_replicas() if self.may_idle else {}
+
         async def one(name: str) -> dict[str, Any]:
+            if name in self.may_idle and running.get(name) == 0:
+                return {"id": name, "scheme": self.schemes[name], "available": True, "scaled_to_zero": True,
+                        "running_replicas": 0}
             try:
                 info = await asyncio.wait_for(self.handles[name].info.remote(), INFO_TIMEOUT_S)
                 return {**info, "available": True}
@@ -374,8 +383,19 @@ class ABRouter:
                         "error": f"{type(exc).__name__}: {exc}"[:300]}
         return list(await asyncio.gather(*(one(name) for name in self.names)))
 
+    async def _running_replicas(self) -> dict[str, int]:
+        """Running replicas per variant, from Serve's status ({} when it cannot be read)."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[self.app_name].deployments
+        except Exception:  # noqa: BLE001
+            return {}
+        return {name: int(d.replica_states.get("RUNNING", 0)) for name in self.names
+                if (d := deployments.get(self.deployments[name])) is not None}
+
     async def readiness(self) -> dict[str, Any]:
-        """Per variant: its deployment's status and running replicas; ready when every variant has one."""
+        """Per variant: its deployment's status and running replicas; ready when every variant has one, or may
+        idle at zero (min_replicas 0: its next request starts one)."""
         try:
             status = await asyncio.to_thread(serve.status)
             deployments = status.applications[self.app_name].deployments
@@ -386,5 +406,8 @@ class ABRouter:
             d = deployments.get(self.deployments[name])
             running = int(d.replica_states.get("RUNNING", 0)) if d is not None else 0
             variants[name] = {"status": str(getattr(d.status, "value", d.status)) if d else "MISSING",
-                              "running_replicas": running, "ready": running > 0}
+                              "running_replicas": running,
+                              "ready": running > 0 or (name in self.may_idle and d is not None)}
+            if running == 0 and name in self.may_idle:
+                variants[name]["scaled_to_zero"] = True
         return {"ready": all(v["ready"] for v in variants.values()), "variants": variants}

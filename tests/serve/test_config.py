@@ -184,3 +184,32 @@ def test_kernel_policy_takes_every_form_the_runtime_takes() -> None:
     assert validate_kernel_policy({"disable": ["native", "cpu_fused"]}) == {"disable": {"*": ["native", "cpu_fused"]}}
     variant = VariantConfig(name="a", kernel_policy={"disable": ["native"]})
     assert variant.kernel_policy == {"disable": {"*": ["native"]}}
+
+
+def test_autoscaling_policies_and_scale_to_zero_reach_ray_serve() -> None:
+    from ray.serve.config import AutoscalingConfig as RayAutoscaling
+
+    from quantserve.serve.config import AutoscalingConfig
+
+    work = AutoscalingConfig(policy="work", target_wait_s=1.5, min_replicas=0, max_replicas=3,
+                             downscale_to_zero_delay_s=30)
+    ray_config = RayAutoscaling(**work.to_ray())  # Ray's own validation accepts it
+    assert ray_config.min_replicas == 0 and ray_config.initial_replicas == 1  # the deploy still proves it loads
+    assert ray_config.downscale_to_zero_delay_s == 30
+    assert ray_config.policy.policy_function == "quantserve.serve.autoscaling:WorkAwarePolicy"
+    assert ray_config.policy.policy_kwargs["target_wait_s"] == 1.5
+    requests_policy = RayAutoscaling(**AutoscalingConfig(min_replicas=2, max_replicas=4).to_ray())
+    assert requests_policy.initial_replicas == 2 and "quantserve" not in str(requests_policy.policy.policy_function)
+
+
+@pytest.mark.parametrize("autoscaling, message", [
+    ({"policy": "queue"}, "variants.0.autoscaling.policy"),
+    ({"target_wait_s": 0}, "variants.0.autoscaling.target_wait_s"),
+    ({"min_replicas": 1, "downscale_to_zero_delay_s": 10}, "downscale_to_zero_delay_s needs min_replicas: 0"),
+    ({"min_replicas": -1}, "variants.0.autoscaling.min_replicas"),
+])
+def test_bad_autoscaling_names_the_field(autoscaling: dict, message: str) -> None:
+    from quantserve.serve.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"variants": [{"name": "nf4", "quantization": "nf4", "autoscaling": autoscaling}]})
