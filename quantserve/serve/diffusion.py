@@ -20,7 +20,7 @@ from .gemm_probe import GemmProbe
 from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
 from .metrics import VariantMetrics
 from .protocol import ClientError, GenerationCancelled
-from .autoscaling import WorkEstimator
+from .autoscaling import PENDING_WORK_METRIC, WorkEstimator
 from .tuning import tune_on_start
 
 
@@ -104,6 +104,8 @@ class Diffusion:
         timing = outcome.setdefault("timing", {})
         timing["replica"] = (time.perf_counter() - arrived) * 1000
         timing["queue"] = max(0.0, timing["replica"] - timing.get("generate", 0.0) - timing.get("encode", 0.0))
+        if outcome.get("status") == 200:
+            self.metrics.queue_wait.observe(timing["queue"] / 1000)
         return self._finish(outcome, arrived)
 
     async def generate_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -198,7 +200,9 @@ class Diffusion:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve asks each replica for these; the work-aware policy sizes the variant by pending_work_s."""
-        return self.work.stats()
+        stats = self.work.stats()
+        self.metrics.pending_work.set(stats[PENDING_WORK_METRIC])
+        return stats
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; an exception marks the replica unhealthy and Ray restarts it. It also

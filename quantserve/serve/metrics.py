@@ -51,10 +51,16 @@ class VariantMetrics:
                                     description="A replica's start by phase: process (worker start, Ray, imports), "
                                                 "load (weights read, quantized when not pre-quantized), autotune, "
                                                 "health (the first forward, kernels built on first use), total.")
+        self.queue_wait = Histogram("quantserve_queue_wait_seconds", boundaries=LATENCY_BUCKETS, tag_keys=MODEL_TAGS,
+                                    description="Time a request waited in its replica before its batch ran.")
+        self.pending_work = Gauge("quantserve_pending_work_seconds", tag_keys=MODEL_TAGS,
+                                  description="Seconds of work a replica holds (queued and running jobs, from its "
+                                              "measured seconds per image-step): the work-aware autoscaler's signal.")
         self.model_bytes = Gauge("quantserve_model_bytes", description="Bytes of the loaded model (weights and buffers).",
                                  tag_keys=MODEL_TAGS)
         for metric in (self.requests, self.images, self.steps, self.request_latency, self.step_latency,
-                       self.images_per_second, self.gemm_gflops, self.gemm_calls, self.model_bytes, self.cold_start):
+                       self.images_per_second, self.gemm_gflops, self.gemm_calls, self.model_bytes, self.cold_start,
+                       self.queue_wait, self.pending_work):
             metric.set_default_tags(dict(self.tags))  # Ray Serve adds its own tags to the dict it is given
 
     def with_kernel(self, backend: str, kernel: str) -> dict[str, str]:

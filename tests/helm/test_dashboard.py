@@ -7,6 +7,7 @@ import ast
 import json
 import re
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import promql_parser
@@ -35,6 +36,9 @@ REQUIRED_PANELS = {  # what the dashboard must show -> a title that shows it
     "rollout weight": "Rollout: candidate weight",
     "rollout decisions": "Rollout decisions",
     "p95 latency ratio": "Rollout: p95 latency ratio, candidate / baseline",
+    "replicas, target and running": "Replicas: Serve's target and running",
+    "queue wait": "Queue wait per variant",
+    "cold start": "Cold start per variant and phase",
 }
 
 
@@ -82,6 +86,35 @@ def exported_metrics() -> dict[str, tuple[str, frozenset[str]]]:
             found[base + "_sum"] = found[base + "_count"] = (kind, tags)
             found[base + "_bucket"] = (kind, tags | {"le"})
     return found
+
+
+# Ray Serve's own metrics the dashboard reads, each with the module of Ray's that defines it (its labels are read
+# from that source, like ours)
+RAY_SERVE_METRICS = {"serve_autoscaling_target_replicas": "serve/_private/deployment_state.py"}
+
+
+@cache
+def ray_serve_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """Prometheus name -> (type, labels) of RAY_SERVE_METRICS, read from the installed Ray's source."""
+    import ray
+
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for name, module in RAY_SERVE_METRICS.items():
+        tree = ast.parse((Path(ray.__file__).parent / module).read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in METRIC_CLASSES
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == name):
+                tags = ast.literal_eval({k.arg: k.value for k in node.keywords}["tag_keys"])
+                kind = METRIC_CLASSES[node.func.attr]
+                assert kind == "gauge", f"{name}: only Ray's gauges are read here, not a {kind}"
+                found[RAY_PREFIX + name] = (kind, frozenset(tags))
+        assert RAY_PREFIX + name in found, f"Ray {ray.__version__} no longer defines {name} in {module}"
+    return found
+
+
+def test_ray_serve_metrics_are_read_from_rays_source():
+    assert ray_serve_metrics()["ray_serve_autoscaling_target_replicas"] == (
+        "gauge", frozenset({"deployment", "application"}))
 
 
 def test_exported_metrics_are_read_from_serve_metrics_py():
@@ -150,7 +183,7 @@ EXPRESSIONS = _expressions()
 
 @pytest.mark.parametrize("where,expr,legend", EXPRESSIONS, ids=[where for where, _, _ in EXPRESSIONS])
 def test_each_expression_parses_and_names_only_exported_metrics(where: str, expr: str, legend: str):
-    metrics = exported_metrics()
+    metrics = {**exported_metrics(), **ray_serve_metrics()}
     tree = promql_parser.parse(substitute_grafana_variables(expr))
     selectors: list[promql_parser.VectorSelector] = []
     grouping: set[str] = set()
