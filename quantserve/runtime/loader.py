@@ -25,6 +25,7 @@ from .errors import ConfigTypeError, ConfigValueError
 from .memory import release_freed_memory
 from .model_classes import library_of_config, library_of_model
 from .model_files import CONFIG_NAME, CheckpointError, SafetensorsSource, TensorSource, read_config
+from .phases import PhaseTimer, timed
 from .quant_linear import QuantLinear
 from .report import LoadReport, measure
 from .schemes import SCHEMES, get_scheme
@@ -117,19 +118,25 @@ class _Loader:
     `LayerReader` each quantized layer's `Backend.load` reads through."""
 
     def __init__(self, model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
-                 config_path: Path, tied: Mapping[str, str] | None = None, keep_fp32: list[str] | None = None):
+                 config_path: Path, tied: Mapping[str, str] | None = None, keep_fp32: list[str] | None = None,
+                 timer: PhaseTimer | None = None):
         self.model, self.source, self.device, self.dtype = model, source, device, dtype
+        self.timer = timer
         self.config_path = config_path
         self.used: set[str] = set()
         self.keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if keep_fp32 is None else keep_fp32
         self.tied = dict(tied or {})  # parameter -> the one it is tied to; the checkpoint may hold only the latter
         self.to_tie: list[str] = []  # tied parameters the checkpoint left out: restored from their source
 
-    def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    def tensor(self, key: str, shape: tuple[int, ...] | None, dense: bool = False) -> torch.Tensor:
+        """Tensor `key` as stored. `dense`: only torch's own ops read it (a dense parameter or buffer), so a
+        safetensors source maps it in place at any element-aligned offset; quantized kernels' tensors map only when
+        `ALIGNMENT`-aligned and are read into an aligned buffer otherwise."""
         if key not in self.source:
             raise CheckpointError(f"{self.source.path}: has no tensor {key!r}, which the model "
                                   f"({self.config_path}) needs")
-        tensor = self.source.get(key)
+        with timed(self.timer, "read"):
+            tensor = self.source.get(key, 1) if dense and isinstance(self.source, SafetensorsSource) else self.source.get(key)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{self.source.file_of(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"but {self.config_path} describes a model that needs {tuple(shape)}")
@@ -162,14 +169,14 @@ class _Loader:
             if name in self.tied and name not in self.source and self.tied[name] in self.source:
                 self.to_tie.append(name)
                 continue  # tied: restored from its source once that is loaded
-            loaded = self.tensor(name, tuple(tensor.shape))
+            loaded = self.tensor(name, tuple(tensor.shape), dense=True)
             if tensor.is_floating_point() and (not loaded.is_floating_point() or loaded.element_size() == 1):
                 raise CheckpointError(f"{self.source.file_of(name)}: tensor {name!r} is stored quantized "
                                       f"({loaded.dtype}), but the model keeps that parameter dense: the checkpoint "
                                       "and its config.json's quantization_config disagree")
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name) if module_name else self.model
-            value = loaded.to(self.device, self.dense_dtype(name, loaded))
+            value = loaded.to(self.device, self.dense_dtype(name, loaded))  # no copy when already there
             if attr in module._parameters:
                 module._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
@@ -211,6 +218,61 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
               forward_loop: Callable[[nn.Module], None] | None, progress: bool,
               kernel_policy: Mapping[str, Any] | None = None) -> nn.Module:
     start = time.perf_counter()
+    timer = PhaseTimer()
+    with timer.phase("skeleton"):
+        model, lib, cls, qconfig, backend, planned, reasons, label, pre_quantized = _skeleton(
+            folder, spec, device, dtype, gguf_file)
+    config_path = folder / CONFIG_NAME
+    with timer.phase("skeleton"), _open_source(folder, gguf_file) as source:
+        source.timer = timer
+        layers_meta = json.loads(source.metadata().get(LAYERS_METADATA_KEY, "{}"))
+        loader = _Loader(model, source, device, dtype, config_path, lib.tied_targets(model),
+                         lib.fp32_patterns(model, dtype), timer)
+        from tqdm.auto import tqdm
+
+        # the quantized layers: each one's packed tensors are used as read (views of the file's pages, see
+        # model_files._SafetensorsFile) and moved to the device once: no copy on the CPU
+        making = "unpack" if pre_quantized else "quantize"
+        for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",
+                                 unit="layer", disable=not progress or not planned):
+            with timer.phase(making):
+                q, why = backend.load(name, (linear.out_features, linear.in_features), loader,
+                                      layers_meta.get(name), pre_quantized)
+            if q is None:
+                reasons[name] = why
+                continue
+            bias = loader.tensor(f"{name}.bias", (linear.out_features,), dense=True) if linear.bias is not None else None
+            with timer.phase("to_device"):
+                bias = bias.to(device, dtype) if bias is not None else None
+                _set_submodule(model, name, QuantLinear(q.to(device), bias, compute_dtype=dtype))
+            if not pre_quantized:
+                with timer.phase("quantize"):
+                    del q
+                    release_freed_memory()  # the quantizer's freed temporaries, before the next layer's
+        with timer.phase("to_device"):
+            loader.dense_rest()
+            if loader.to_tie:  # as transformers does: a checkpoint holding both tensors keeps both as stored
+                lib.tie(model)
+            loader.leftovers()
+        source.timer = None
+    with timer.phase("build"):
+        if backend is not None:
+            backend.process_after_loading(model, forward_loop)
+        model.eval()
+        _route(model, device, kernel_policy)
+        report = LoadReport(cls.__name__, str(gguf_file or folder), qconfig.quant_method.value if qconfig else "none",
+                            label, pre_quantized)
+        measure(model, report, reasons)
+    report.seconds = time.perf_counter() - start
+    report.phases = dict(timer.seconds)
+    model.quantserve_config = qconfig
+    model.quantserve_backend = backend
+    model.quantserve_report = report
+    return model
+
+
+def _skeleton(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype, gguf_file: Path | None) -> tuple:
+    """The empty (meta-device) model, its quantization config and backend, and the plan of its Linear layers."""
     config_path = folder / CONFIG_NAME
     model_config = read_config(folder)
     lib, class_name = library_of_config(model_config, config_path)
@@ -228,41 +290,7 @@ def _load_one(folder: Path, spec: Any, device: torch.device, dtype: torch.dtype,
 
     model = lib.skeleton(cls, model_config)
     planned, reasons = plan_layers(model, backend, lib.dense_patterns(model))
-    with _open_source(folder, gguf_file) as source:
-        layers_meta = json.loads(source.metadata().get(LAYERS_METADATA_KEY, "{}"))
-        loader = _Loader(model, source, device, dtype, config_path, lib.tied_targets(model),
-                         lib.fp32_patterns(model, dtype))
-        from tqdm.auto import tqdm
-
-        for name, linear in tqdm(planned.items(), desc=f"quantize {cls.__name__}" if not pre_quantized else "load",
-                                 unit="layer", disable=not progress or not planned):
-            q, why = backend.load(name, (linear.out_features, linear.in_features), loader, layers_meta.get(name),
-                                  pre_quantized)
-            if q is None:
-                reasons[name] = why
-                continue
-            bias = loader.tensor(f"{name}.bias", (linear.out_features,)) if linear.bias is not None else None
-            bias = bias.to(device, dtype) if bias is not None else None
-            _set_submodule(model, name, QuantLinear(q.to(device), bias, compute_dtype=dtype))
-            if not pre_quantized:
-                del q
-                release_freed_memory()  # the quantizer's freed temporaries, before the next layer's
-        loader.dense_rest()
-        if loader.to_tie:  # as transformers does: a checkpoint holding both tensors keeps both as stored
-            lib.tie(model)
-        loader.leftovers()
-    if backend is not None:
-        backend.process_after_loading(model, forward_loop)
-    model.eval()
-    _route(model, device, kernel_policy)
-    report = LoadReport(cls.__name__, str(gguf_file or folder), qconfig.quant_method.value if qconfig else "none",
-                        label, pre_quantized)
-    measure(model, report, reasons)
-    report.seconds = time.perf_counter() - start
-    model.quantserve_config = qconfig
-    model.quantserve_backend = backend
-    model.quantserve_report = report
-    return model
+    return model, lib, cls, qconfig, backend, planned, reasons, label, pre_quantized
 
 
 def load_model(path: str | os.PathLike[str], quantization_config: Any = None, device: str | torch.device = "cpu",
@@ -326,7 +354,7 @@ def _checkpoint_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, tor
 def write_model(model: nn.Module, folder: Path) -> None:
     """config.json (with the quantization_config) and the weights of a loaded model, into an existing `folder`:
     safetensors with quantserve's packed layers, or the backend's own file (a .gguf for GGUF)."""
-    from safetensors.torch import save_file
+    from .model_files import save_safetensors_aligned
 
     qconfig = getattr(model, "quantserve_config", None)
     backend = getattr(model, "quantserve_backend", None)
@@ -339,7 +367,7 @@ def write_model(model: nn.Module, folder: Path) -> None:
     tied = {t for t, src in lib.tied_targets(model).items()  # stored once when really shared, as transformers does
             if t in state and src in state and state[t].data_ptr() == state[src].data_ptr()}
     tensors, layers = _checkpoint_tensors(model, tied)
-    save_file(tensors, str(folder / lib.weights_name), metadata={"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
+    save_safetensors_aligned(folder / lib.weights_name, tensors, {"format": "pt", LAYERS_METADATA_KEY: json.dumps(layers)})
 
 
 def save_quantized(model: Any, out_dir: str | os.PathLike[str]) -> Path:

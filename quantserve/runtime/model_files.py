@@ -6,6 +6,8 @@ Only safetensors (single or sharded with an index) and GGUF are read: no pickle,
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class TensorSource:
     """Tensors by name, read lazily from one or more files. Subclasses: safetensors, GGUF."""
 
     path: Path
+    timer: Any = None  # a runtime.phases.PhaseTimer the loader sets: reads count as its "read" phase
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -94,12 +97,51 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20
 
 
-class _SafetensorsFile:
-    """One .safetensors file read with plain reads (no mmap): a tensor costs memory only while the caller keeps it,
-    and the file's pages never count toward this process's resident memory."""
+# a tensor is memory-mapped in place only when its first byte is this aligned (quantized kernels load weights with
+# aligned vector loads: torch's AVX-512 `_weight_int8pack_mm` crashes on unaligned ones); others are read into a
+# fresh, aligned buffer. quantserve pads its own checkpoints' headers so their packed tensors are (`save_safetensors_aligned`).
+ALIGNMENT = 64
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14: map the pages now, without copying
+MMAP_ENV = "QUANTSERVE_SAFETENSORS_MMAP"  # "0": plain reads for every tensor (the escape hatch, and for measuring)
 
-    def __init__(self, path: Path):
+
+def mmap_enabled() -> bool:
+    return os.environ.get(MMAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _populate(window: mmap.mmap) -> None:
+    """Fault the window's pages in now (from the page cache, or the disk), so the load pays for the bytes, not the
+    first forward; MADV_WILLNEED (read-ahead only) where the kernel lacks MADV_POPULATE_READ."""
+    try:
+        window.madvise(MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        window.madvise(mmap.MADV_WILLNEED)
+
+
+class _SafetensorsFile:
+    """One .safetensors file; `get` gives one tensor at a time, with no copy of its bytes where it can.
+
+    How a tensor's bytes arrive (measured on the FLUX-shaped pipeline at real width: benchmarks/cold_start.md):
+
+    - memory-mapped (the default, for a tensor whose first byte is `ALIGNMENT`-aligned, or element-aligned when the
+      caller says alignment does not matter): each tensor gets its own private, copy-on-write mapping of the pages
+      it lies on, faulted in at once (MADV_POPULATE_READ), and the tensor is a view of it. The page cache's pages
+      are the tensor's memory: no buffer is allocated and zeroed, no bytes are copied, and replicas of one model on
+      a node share one copy of its weights. The mapping lives exactly as long as the tensor (the tensor holds it):
+      a tensor the loader converts (another dtype) or moves (to the GPU) unmaps its pages when it is dropped, so a
+      tensor still costs memory only while the caller keeps it. What changes is the accounting: a kept tensor's
+      pages count as the process's file-backed resident memory (RssFile, shared and clean) instead of anonymous
+      memory (RssAnon), and under memory pressure the kernel may drop them and read them again on the next touch
+      rather than swap. An in-place write copies only the written page (copy-on-write): the file never changes.
+      A checkpoint replaced by `quantserve quantize` (written aside, then renamed) leaves a running replica's
+      mapped file intact; truncating a mapped file in place would not.
+    - read (`QUANTSERVE_SAFETENSORS_MMAP=0`, or an unaligned tensor): a plain read into a fresh, aligned buffer:
+      one copy, anonymous memory, pages that never count as the file's.
+    """
+
+    def __init__(self, path: Path, use_mmap: bool | None = None):
         self.path = path
+        self.use_mmap = mmap_enabled() if use_mmap is None else use_mmap
         self.handle = open(path, "rb")  # noqa: SIM115 (closed by close())
         try:
             self._read_header()
@@ -142,11 +184,19 @@ class _SafetensorsFile:
                                       f"({self.base + end} > {size} bytes): the file is truncated")
             self.entries[name] = (dtype, shape, begin, end)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, align: int = ALIGNMENT) -> torch.Tensor:
+        """Tensor `name`, memory-mapped when its offset is `align`-aligned (and element-aligned), else read."""
         dtype, shape, begin, end = self.entries[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        self.handle.seek(self.base + begin)
-        if end > begin and self.handle.readinto(buffer.numpy()) != end - begin:
+        start, size = self.base + begin, end - begin
+        if self.use_mmap and size > 0 and start % max(align, dtype.itemsize) == 0:
+            page = start - start % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(self.handle.fileno(), start - page + size, access=mmap.ACCESS_COPY, offset=page)
+            _populate(window)
+            buffer = torch.frombuffer(window, dtype=torch.uint8, count=size, offset=start - page)  # holds `window`
+            return buffer.view(dtype).reshape(shape)
+        buffer = torch.empty(size, dtype=torch.uint8)
+        self.handle.seek(start)
+        if size > 0 and self.handle.readinto(buffer.numpy()) != size:
             raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended before its data")
         return buffer.view(dtype).reshape(shape)
 
@@ -208,10 +258,15 @@ class SafetensorsSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._files[self._where[key]].entries[key][1]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, align: int = ALIGNMENT) -> torch.Tensor:
+        """Tensor `key` as stored; memory-mapped (no copy) when its offset is `align`-aligned (see _SafetensorsFile):
+        pass 1 for a tensor no quantized kernel reads."""
         if key not in self._where:
             raise CheckpointError(f"{self.path}: has no tensor {key!r}")
-        return self._files[self._where[key]].get(key)
+        from .phases import timed
+
+        with timed(self.timer, "read"):
+            return self._files[self._where[key]].get(key, align)
 
     def metadata(self) -> dict[str, str]:
         merged: dict[str, str] = {}
@@ -225,3 +280,48 @@ class SafetensorsSource(TensorSource):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
+
+
+# safetensors' Dtype enum, in its declaration order (its writer sorts tensors by it, descending)
+_SAFETENSORS_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+                            "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+PAD_KEY = "quantserve.pad"  # spaces in the header's metadata that make the data start ALIGNMENT-aligned
+
+
+def _header_length(path: Path) -> int:
+    """The length of a safetensors header's JSON without the spaces the writer padded it with."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return len(handle.read(length).rstrip(b" "))
+
+
+def _predicted_header_length(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """The JSON length safetensors' writer gives this header (its order: by its dtype enum, last first, then name)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    rank = {name: i for i, name in enumerate(_SAFETENSORS_DTYPE_ORDER)}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in sorted(tensors, key=lambda k: (-rank.get(names.get(tensors[k].dtype, ""), -1), k)):
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names.get(t.dtype, "?"), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def save_safetensors_aligned(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the header padded (a metadata entry of spaces) so the data starts
+    `ALIGNMENT`-aligned: the packed tensors of a quantized layer (sizes that are multiples of 64 bytes) then all start
+    aligned and `_SafetensorsFile` maps them with no copy. Any safetensors reader loads the file. The padding is
+    predicted from the header's JSON; when the prediction misses (a reader-invisible detail of the writer's order),
+    the file is written once more with the measured padding."""
+    from safetensors.torch import save_file
+
+    def padded(length_without_pad: int) -> dict[str, str]:
+        base = {**metadata, PAD_KEY: ""}
+        return {**base, PAD_KEY: " " * ((ALIGNMENT - 8 - length_without_pad) % ALIGNMENT)}
+
+    guess = padded(_predicted_header_length(tensors, {**metadata, PAD_KEY: ""}))
+    save_file(tensors, str(path), metadata=guess)
+    if (8 + _header_length(path)) % ALIGNMENT:
+        save_file(tensors, str(path), metadata=padded(_header_length(path) - len(guess[PAD_KEY])))

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import ConfigValueError
 from .model_classes import ComponentClass, ModelLibrary
 from .model_files import CONFIG_NAME, CheckpointError, read_json_object
+from .phases import PhaseTimer, merge_phases
 from .pipeline_config import component_specs
 from .report import LayerReport, LoadReport
 
@@ -89,6 +90,13 @@ class PipelineReport:
     source: str
     components: dict[str, LoadReport] = field(default_factory=dict)
     seconds: float = 0.0
+    # the pipeline's own phases (imports, components); `phases` adds every component's
+    own_phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Exclusive seconds per load phase over the whole pipeline, summing to about `seconds`."""
+        return merge_phases(self.own_phases, *(r.phases for r in self.components.values()))
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -134,7 +142,7 @@ class PipelineReport:
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline_class": self.pipeline_class, "source": self.source, "scheme": self.scheme,
                 "model_bytes": self.model_bytes, "bf16_bytes": self.bf16_bytes, "ratio": self.ratio,
-                "seconds": self.seconds, "components": {n: r.to_dict() for n, r in self.components.items()}}
+                "seconds": self.seconds, "phases": self.phases, "components": {n: r.to_dict() for n, r in self.components.items()}}
 
     def summary(self) -> str:
         """One line per component, then the totals."""
@@ -208,12 +216,14 @@ def load_pipeline(path: str | os.PathLike[str], quantization_config: Any = None,
     The whole report is at `pipe.quantserve_report` (a PipelineReport); each model component carries its own.
     """
     start = time.perf_counter()
+    timer = PhaseTimer()
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such pipeline directory")
-    index = read_index(folder)
-    pipe_cls = pipeline_class(index, folder)
-    classes = component_classes(index, folder)
+    with timer.phase("imports"):  # diffusers and transformers import a pipeline's modules on first use
+        index = read_index(folder)
+        pipe_cls = pipeline_class(index, folder)
+        classes = component_classes(index, folder)
     gguf = {}
     if transformer_gguf is not None:
         gguf_path = Path(transformer_gguf)
@@ -226,16 +236,17 @@ def load_pipeline(path: str | os.PathLike[str], quantization_config: Any = None,
     models = load_pipeline_models(folder, quantization_config, device, torch_dtype, forward_loop=forward_loop,
                                   progress=progress, kernel_policy=kernel_policy, gguf_files=gguf)
     components: dict[str, Any] = {}
-    for name, entry in classes.items():
-        if entry is None:
-            components[name] = None
-        elif name in models:
-            components[name] = models[name]
-        else:
-            components[name] = _load_other(name, entry, folder)
-    pipe = _assemble(pipe_cls, components, folder)
+    with timer.phase("components"):
+        for name, entry in classes.items():
+            if entry is None:
+                components[name] = None
+            elif name in models:
+                components[name] = models[name]
+            else:
+                components[name] = _load_other(name, entry, folder)
+        pipe = _assemble(pipe_cls, components, folder)
     report = PipelineReport(pipe_cls.__name__, str(folder),
-                            {name: m.quantserve_report for name, m in models.items()})
+                            {name: m.quantserve_report for name, m in models.items()}, own_phases=timer.seconds)
     report.seconds = time.perf_counter() - start
     pipe.quantserve_report = report
     pipe.quantserve_configs = {name: m.quantserve_config for name, m in models.items()}

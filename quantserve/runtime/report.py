@@ -41,6 +41,8 @@ class LoadReport:
     bf16_bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # exclusive seconds per phase of the load, summing to about `seconds` (runtime/phases.py names them)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:

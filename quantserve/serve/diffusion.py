@@ -51,6 +51,9 @@ class Diffusion:
         mark = time.perf_counter()
         self.loaded = load_variant(self.config, ResolvedLimits.from_dict(limits) if limits else None, field)
         self.cold_start["load"], mark = time.perf_counter() - mark, time.perf_counter()  # read (+ quantize) weights
+        # "load" split as the loader timed it (runtime/phases.py): imports, skeleton, read, unpack or quantize,
+        # to_device, build, components; exclusive seconds that sum to about "load"
+        self.cold_start.update(self.loaded.phases)
         # tune what the cache lacks for this device (the second replica of a variant finds the first one's results)
         self.loaded.tuning = tune_on_start(self.loaded.engine, self.config, self.loaded.device)
         self.cold_start["autotune"], mark = time.perf_counter() - mark, time.perf_counter()

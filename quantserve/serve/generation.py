@@ -58,6 +58,12 @@ class LoadedVariant:
         return self.engine.report
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase of the load (read, unpack or quantize, to_device, build, ...: runtime/phases.py),
+        summing to about the load's seconds."""
+        return dict(getattr(self.report, "phases", None) or {})
+
+    @property
     def backend(self) -> str:
         return self.report.backend
 

@@ -49,7 +49,11 @@ class VariantMetrics:
         self.cold_start = Histogram("quantserve_cold_start_seconds", boundaries=COLD_START_BUCKETS,
                                     tag_keys=MODEL_TAGS + ("phase",),
                                     description="A replica's start by phase: process (worker start, Ray, imports), "
-                                                "load (weights read, quantized when not pre-quantized), autotune, "
+                                                "load (weights read, quantized when not pre-quantized), and load's "
+                                                "parts: imports (pipeline classes), skeleton (config, empty model), "
+                                                "read (weight bytes), unpack (pre-quantized layers) or quantize "
+                                                "(quantize on load), to_device, build (kernel routing), components "
+                                                "(tokenizers, scheduler); autotune, "
                                                 "health (the first forward, kernels built on first use), total.")
         self.queue_wait = Histogram("quantserve_queue_wait_seconds", boundaries=LATENCY_BUCKETS, tag_keys=MODEL_TAGS,
                                     description="Time a request waited in its replica before its batch ran.")
