@@ -57,6 +57,10 @@ class AutoscalingConfig(_Strict):
     target_wait_s: float = Field(2.0, gt=0, le=3600, description="policy: work; the queue wait to keep")
     upscale_delay_s: float = Field(5.0, ge=0, le=3600)
     downscale_delay_s: float = Field(60.0, ge=0, le=3600)
+    look_back_period_s: float = Field(12.0, gt=0, le=3600,
+                                      description="the window Serve averages the replicas' metrics over (Ray's "
+                                                  "default 30 s slows every reaction; keep it above 10 s, the "
+                                                  "deprecated metrics_interval_s, or Ray warns)")
     downscale_to_zero_delay_s: float | None = Field(None, ge=0, le=24 * 3600,
                                                     description="1 -> 0 after this long idle (min_replicas: 0); "
                                                                 "default: downscale_delay_s")

@@ -218,7 +218,7 @@ def test_pods_drain_before_they_stop():
 def test_serve_proxy_gets_the_header_guard_with_the_configs_limits():
     """Every Ray container (each runs a Serve proxy) names the proxy guard and hands it the serve config's header
     limits; the guard reads them as the config would."""
-    from quantserve.serve.proxy_guard import CALLBACK, HeaderGuard, guard_from_environment
+    from quantserve.serve.proxy_guard import AUTOSCALING_ENV, CALLBACK, HeaderGuard, guard_from_environment
 
     for values, expected in ((None, HeaderGuard()),
                              (merged(None, **{"serve.limits": {"header_timeout_s": 4, "max_header_bytes": 8192,
@@ -229,6 +229,8 @@ def test_serve_proxy_gets_the_header_guard_with_the_configs_limits():
             env = {e["name"]: e["value"] for e in ray["env"] if "value" in e}
             assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == CALLBACK, group
             assert guard_from_environment(env) == expected, (group, env["QUANTSERVE_PROXY_LIMITS"])
+            for name, value in AUTOSCALING_ENV.items():  # autoscaling metrics pushed as often as `quantserve serve` does
+                assert env[name] == value, (group, name)
 
 
 def test_pod_templates_do_not_change_with_the_release_revision():

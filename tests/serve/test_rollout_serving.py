@@ -71,11 +71,11 @@ def test_a_permissive_rollout_reaches_weight_one_through_every_step(app: Running
         assert report["rollout"]["status"] == "complete"
         [nf4] = [c for c in report["comparisons"] if c["candidate"] == "nf4"]
         assert {g["guard"] for g in nf4["guards"] if "guard" in g} >= {"max_error_rate", "min_ssim"}
-        def scraped() -> str | None:
+        def scraped() -> bool:  # Ray's agent exports every 10 s; each series shows up at its first export after set
             text = requests.get(app.metrics_url, timeout=10).text
-            return text if 'decision="complete"' in text else None
-        metrics = wait_for(scraped, 60, "the rollout metrics")
-        assert "ray_quantserve_ab_rollout_weight{" in metrics and "ray_quantserve_ab_rollout_decisions_total{" in metrics
+            return all(s in text for s in ('ray_quantserve_ab_rollout_decisions_total{', 'decision="complete"',
+                                           'ray_quantserve_ab_rollout_weight{', 'guard="min_ssim"'))
+        wait_for(scraped, 120, "the rollout metrics (weight, decisions, guard figures) at Ray's metrics port")
     assert state(app)["rollout"] is None  # the experiment back without a rollout: it is over
 
 
