@@ -262,8 +262,9 @@ def estimate_work(ctx: Any, target_wait_s: float, default_job_s: float = DEFAULT
         reported_jobs += max(0.0, _number(running.get(replica)) or 0.0) + max(0.0, _number(queued.get(replica)) or 0.0)
 
     # Seconds per request: as measured now, else as last measured, else the configured default.
-    job_s = reported_work / reported_jobs if reported_jobs > 0 and reported_work > 0 else \
-        _number(state.get("job_s")) or default_job_s
+    measured_job_s = reported_work / reported_jobs if reported_jobs > 0 and reported_work > 0 else \
+        _number(state.get("job_s"))
+    job_s = measured_job_s or default_job_s
 
     estimated, silent, extra_jobs = 0, 0, 0.0
     for replica in unreported:  # its stats failed or are not in yet: count its requests as Ray does
@@ -274,7 +275,11 @@ def estimate_work(ctx: Any, target_wait_s: float, default_job_s: float = DEFAULT
             estimated += 1
             extra_jobs += max(0.0, r)
     handle_queued = max(0.0, _number(ctx.total_queued_requests) or 0.0)  # not at any replica yet
-    if silent:  # what Ray counts (running + queued, from the handles) that no report explains: the silent ones'
+    # What Ray counts (running + queued, from the handles) that no report explains is the silent replicas', charged
+    # at the measured seconds per request. Before any measurement, a guess (default_job_s) would size the variant by
+    # request count alone, and a fresh deploy would scale up on it and then hold for downscale_delay_s: hold instead
+    # (below) until the first report, a second or two later.
+    if silent and measured_job_s:
         extra_jobs += max(0.0, (_number(ctx.total_num_requests) or 0.0) - reported_jobs - extra_jobs - handle_queued)
     jobs = reported_jobs + extra_jobs + handle_queued
     work_s = reported_work + (extra_jobs + handle_queued) * job_s

@@ -137,6 +137,17 @@ def test_before_any_replica_reports_the_target_is_held_unless_rays_counts_ask_fo
     assert state[STATE_KEY]["work_s"] == pytest.approx(36.0) and n == 12
 
 
+def test_a_fresh_deploy_does_not_scale_on_request_counts_before_its_first_measurement():
+    """No report yet and nothing measured before: a request count alone says nothing about the work (two 2-step
+    16x16 jobs are not two seconds), so the one running replica is held until the first report arrives."""
+    [only] = replicas(1)
+    fresh = context([only], {}, total_requests=2)
+    assert work_aware_policy(fresh, 1.0)[0] == 1
+    # once something was measured (1.5 s per request, kept in the policy's state), the same count is work
+    measured = context([only], {}, total_requests=2, state={STATE_KEY: {"job_s": 1.5}})
+    assert work_aware_policy(measured, 1.0)[0] == 2
+
+
 def test_a_replica_that_just_started_keeps_the_count_from_going_below_what_runs():
     old, new = replicas(2)
     light = {old: (0.5, 1, 0)}  # the old replica alone would be one replica's worth
