@@ -1,0 +1,331 @@
+"""Autoscaling under load (issue 18): a ramp on the work-aware policy, and the same mixed workload under the request
+policy and the work policy side by side, on one local Ray instance started by this script (2 CPUs, loopback).
+
+    python benchmarks/autoscaling.py --out benchmarks/autoscaling.md --png benchmarks/autoscaling_ramp.png
+    python benchmarks/autoscaling.py --only ramp --model flux        # the ramp on the tiny FLUX pipeline
+
+Ramp: one variant (policy work, min 1, max 3) under clients `--schedule` (default 0:1,15:4,55:1 for 80 s); each
+request is --ramp-job. Reported: the time from the load step to Serve deciding on a second replica and to that replica
+serving, p95 latency and queue wait during the scale-up, requests sent and answered, the replicas over time.
+
+Side by side: two applications at once, one per policy (requests: target_ongoing_requests 1; work: target_wait_s),
+each with variants 'big' and 'small' of the same model; --clients clients on each variant of each app for
+--seconds. Reported per policy and variant: p95 queue wait (the replica's own wait, from Server-Timing), replica-
+seconds (replicas Serve started or ran, integrated each second), peak replicas, requests answered.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BIG = {"prompt": "8", "size": "64x64", "steps": 60, "n": 2}
+SMALL = {"prompt": "1", "size": "16x16", "steps": 2, "n": 1}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def p95(values: list[float]) -> float | None:
+    return statistics.quantiles(values, n=20)[-1] if len(values) >= 2 else (values[0] if values else None)
+
+
+def variant(name: str, model: dict[str, Any], policy: str, target_wait_s: float, max_replicas: int) -> dict[str, Any]:
+    return {"name": name, **model, "gemm_sample_every": 0, "max_ongoing_requests": 4,
+            "resources": {"num_cpus": 0, "torch_threads": 1}, "batching": {"max_batch_images": 4},
+            "autoscaling": {"policy": policy, "min_replicas": 1, "max_replicas": max_replicas, "upscale_delay_s": 0,
+                            "downscale_delay_s": 10, "look_back_period_s": 3, "target_ongoing_requests": 1,
+                            "target_wait_s": target_wait_s}}
+
+
+def model_fields(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(variant fields, the ramp's job) for the digits model or a tiny FLUX pipeline (built here, offline)."""
+    if model == "digits":
+        return {"quantization": "nf4"}, BIG
+    from quantserve.testing.pipelines import build_pipeline
+
+    path = build_pipeline("flux", Path(tempfile.mkdtemp(prefix="quantserve-flux-")) / "flux", seed=0)
+    return ({"model": str(path), "dtype": "float32", "quantization": {"transformer": "nf4", "text_encoder_2": "int8wo"}},
+            {"prompt": "a lighthouse at dusk", "size": "128x128", "steps": 20, "n": 1})
+
+
+class Watcher:
+    """Every second: replicas per variant that Serve starts or runs (its decision) and that run."""
+
+    def __init__(self, app_name: str):
+        self.app_name, self.samples, self.stop = app_name, [], threading.Event()
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from ray import serve
+
+        while not self.stop.is_set():
+            try:
+                deployments = serve.status().applications[self.app_name].deployments
+                wanted = {n.removeprefix("Diffusion_"): sum(c for s, c in d.replica_states.items()
+                                                            if s in ("STARTING", "UPDATING", "RUNNING"))
+                          for n, d in deployments.items() if n.startswith("Diffusion_")}
+                running = {n.removeprefix("Diffusion_"): d.replica_states.get("RUNNING", 0)
+                           for n, d in deployments.items() if n.startswith("Diffusion_")}
+                self.samples.append((time.monotonic() - self.t0, wanted, running))
+            except Exception:  # noqa: BLE001 - the app may be starting or going
+                pass
+            self.stop.wait(1.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def drive(url: str, plan: list[tuple[float, float, dict[str, Any]]], t0: float) -> list[dict[str, Any]]:
+    """One thread per (start_s, end_s, body): sends back to back between its start and end (seconds after t0).
+    Every request: sent, answered, status, latency, queue wait (Server-Timing), variant."""
+    import requests
+
+    from quantserve.serve.ramp import parse_server_timing
+
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def client(start_s: float, end_s: float, body: dict[str, Any]) -> None:
+        time.sleep(max(0.0, start_s - (time.monotonic() - t0)))
+        with requests.Session() as session:
+            while time.monotonic() - t0 < end_s:
+                sent = time.monotonic() - t0
+                try:
+                    r = session.post(f"{url}/v1/images/generations", json=body, timeout=180)
+                    row = {"status": r.status_code, "variant": r.headers.get("X-Quantserve-Variant"),
+                           "queue_ms": parse_server_timing(r.headers.get("Server-Timing")).get("queue")}
+                except Exception as exc:  # noqa: BLE001 - counted as lost
+                    row = {"status": f"error:{type(exc).__name__}", "variant": None, "queue_ms": None}
+                done = time.monotonic() - t0
+                with lock:
+                    results.append({**row, "sent_s": sent, "done_s": done, "latency_s": done - sent,
+                                    "label": body.get("model", "")})
+    threads = [threading.Thread(target=client, args=p, daemon=True) for p in plan]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from quantserve.serve.config import parse_config
+    from quantserve.serve.deploy import deploy
+    from quantserve.serve.ramp import Outcome, build_timeline, parse_schedule, render_png, rows_to_csv
+    from ray import serve
+
+    fields, job = model_fields(args.model)
+    app = "bench-ramp"
+    deploy(parse_config({"app_name": app, "variants": [variant("v", fields, "work", args.target_wait, 3)],
+                         "http": {"host": "127.0.0.1", "port": port}, "request_timeout_s": 180,
+                         "limits": {"max_steps": 200, "max_n": 4, "max_size": 128}}),
+           timeout_s=600, route_prefix="/ramp")
+    schedule = parse_schedule(args.schedule)
+    end = args.duration
+    # client i sends while the schedule holds more than i clients: its spans of (start, end)
+    edges = [p.at_s for p in schedule] + [end]
+    plan = [(a, b, job) for i in range(max(p.clients for p in schedule))
+            for p, a, b in zip(schedule, edges, edges[1:]) if p.clients > i]
+    watcher = Watcher(app)
+    t0 = watcher.t0
+    with tqdm(total=int(end), desc=f"ramp ({args.model})", unit="s") as bar:
+        runner = threading.Thread(target=lambda: results.extend(drive(f"{base}/ramp", plan, t0)), daemon=True)
+        results: list[dict[str, Any]] = []
+        runner.start()
+        while runner.is_alive():
+            time.sleep(1)
+            bar.n = min(int(time.monotonic() - t0), int(end))
+            bar.refresh()
+    watcher.close()
+    serve.delete(app)
+    step = next((p.at_s for p in schedule if p.clients > schedule[0].clients), 0.0)
+    decided = next((t for t, wanted, _ in watcher.samples if t >= step and wanted.get("v", 0) >= 2), None)
+    serving = next((t for t, _, running in watcher.samples if t >= step and running.get("v", 0) >= 2), None)
+    during = [r for r in results if step <= r["sent_s"] <= (serving or end) and r["status"] == 200]
+    outcomes = [Outcome(start_s=r["sent_s"], end_s=r["done_s"], status=r["status"], queue_ms=r["queue_ms"],
+                        variant=r["variant"]) for r in results]
+    replicas_by_row = []
+    for k in range(int(end // args.interval) + 1):
+        t = (k + 1) * args.interval
+        seen = [running for s, _, running in watcher.samples if s <= t]
+        replicas_by_row.append(seen[-1] if seen else None)
+    rows = build_timeline(outcomes, schedule, args.interval, max(r["done_s"] for r in results), replicas_by_row, end)
+    return {"model": args.model, "schedule": args.schedule, "job": job, "sent": len(results),
+            "answered_200": sum(r["status"] == 200 for r in results),
+            "lost": [r["status"] for r in results if r["status"] != 200],
+            "step_s": step, "second_replica_decided_s": None if decided is None else round(decided - step, 1),
+            "second_replica_serving_s": None if serving is None else round(serving - step, 1),
+            "p95_latency_during_scale_up_s": p95([r["latency_s"] for r in during]),
+            "p95_queue_during_scale_up_ms": p95([r["queue_ms"] for r in during if r["queue_ms"] is not None]),
+            "peak_replicas": max((w.get("v", 0) for _, w, _ in watcher.samples), default=0),
+            "rows": rows, "csv": rows_to_csv(rows),
+            "png": render_png(rows, title=f"ramp {args.schedule}, {args.model}, work policy")}
+
+
+def side_by_side(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from quantserve.serve.config import parse_config
+    from quantserve.serve.deploy import submit, wait_running
+    from ray import serve
+
+    fields, _ = model_fields("digits")
+    policies = ("requests", "work")
+    for policy in policies:
+        submit(parse_config({"app_name": f"bench-{policy}",
+                             "variants": [variant(v, fields, policy, args.target_wait, args.max_replicas)
+                                          for v in ("big", "small")],
+                             "experiment": {"weights": {"big": 1, "small": 1}}, "request_timeout_s": 180,
+                             "http": {"host": "127.0.0.1", "port": port},
+                             "limits": {"max_steps": 200, "max_n": 4, "max_size": 128}}),
+               route_prefix=f"/{policy}")
+    for policy in policies:
+        wait_running(f"bench-{policy}", 600)
+    watchers = {p: Watcher(f"bench-{p}") for p in policies}
+    t0 = time.monotonic()
+    results: dict[str, list[dict[str, Any]]] = {}
+    threads = []
+    for policy in policies:
+        plan = [(0.0, args.seconds, {**BIG, "model": "big"})] * args.clients + \
+               [(0.0, args.seconds, {**SMALL, "model": "small"})] * args.clients
+        threads.append(threading.Thread(target=lambda p=policy, pl=plan: results.__setitem__(
+            p, drive(f"{base}/{p}", pl, t0)), daemon=True))
+    for t in threads:
+        t.start()
+    with tqdm(total=int(args.seconds), desc="requests vs work", unit="s") as bar:
+        while any(t.is_alive() for t in threads):
+            time.sleep(1)
+            bar.n = min(int(time.monotonic() - t0), int(args.seconds))
+            bar.refresh()
+    out: dict[str, Any] = {}
+    for policy in policies:
+        watchers[policy].close()
+        serve.delete(f"bench-{policy}")
+        samples = watchers[policy].samples
+        per: dict[str, Any] = {}
+        for v in ("big", "small"):
+            mine = [r for r in results[policy] if r["label"] == v]
+            queues = [r["queue_ms"] / 1000 for r in mine if r["status"] == 200 and r["queue_ms"] is not None]
+            per[v] = {"answered_200": sum(r["status"] == 200 for r in mine), "sent": len(mine),
+                      "p95_queue_wait_s": p95(queues),
+                      "p95_latency_s": p95([r["latency_s"] for r in mine if r["status"] == 200]),
+                      "replica_seconds": sum(w.get(v, 0) for _, w, _ in samples),  # 1 s samples
+                      "peak_replicas": max((w.get(v, 0) for _, w, _ in samples), default=0)}
+        out[policy] = per
+    return out
+
+
+def markdown(res: dict[str, Any], command: str, machine: str, png_name: str | None) -> str:
+    lines = [f"Machine: {machine}, no GPU; one local Ray instance, replicas with one torch thread and no CPU "
+             "reservation, autoscaling metrics pushed every second, look_back_period_s 3.", f"Command: `{command}`", ""]
+    if "ramp" in res:
+        r = res["ramp"]
+        lines += [f"### Ramp ({r['model']}, work policy, target_wait_s {res['target_wait_s']}, min 1, max 3)", "",
+                  f"Schedule {r['schedule']} (clients), each sending {r['job']} back to back.", "",
+                  "| figure | value |", "| --- | ---: |",
+                  f"| requests sent / answered 200 | {r['sent']} / {r['answered_200']} |",
+                  f"| lost (not 200) | {len(r['lost'])} {r['lost'][:5] if r['lost'] else ''} |",
+                  f"| load step at | {r['step_s']:g} s |",
+                  f"| Serve decides a second replica, after the step | {r['second_replica_decided_s']} s |",
+                  f"| second replica serving, after the step | {r['second_replica_serving_s']} s |",
+                  f"| p95 latency during the scale-up | {fmt(r['p95_latency_during_scale_up_s'], 's')} |",
+                  f"| p95 queue wait during the scale-up | {fmt(r['p95_queue_during_scale_up_ms'], 'ms')} |",
+                  f"| peak replicas | {r['peak_replicas']} |", ""]
+        if png_name:
+            lines += [f"![ramp timeline]({png_name})", ""]
+        lines += ["Timeline (every interval):", "", "```", r["csv"].strip(), "```", ""]
+    if "side_by_side" in res:
+        s = res["side_by_side"]
+        lines += [f"### The same mixed workload, request policy vs work policy, side by side "
+                  f"(target_wait_s {res['target_wait_s']}, max {res['max_replicas']} replicas)", "",
+                  f"{res['clients']} clients on each variant of each app for {res['seconds']:g} s: big = {BIG}, "
+                  f"small = {SMALL}.", "",
+                  "| policy | variant | answered / sent | p95 queue wait s | p95 latency s | replica-seconds | peak replicas |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for policy, per in s.items():
+            for v, f in per.items():
+                lines.append(f"| {policy} | {v} | {f['answered_200']} / {f['sent']} | {fmt(f['p95_queue_wait_s'])} | "
+                             f"{fmt(f['p95_latency_s'])} | {f['replica_seconds']} | {f['peak_replicas']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:.2f}{(' ' + unit) if unit else ''}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("ramp", "side-by-side"), help="run one part (default: both)")
+    parser.add_argument("--model", choices=("digits", "flux"), default="digits", help="the ramp's model")
+    parser.add_argument("--schedule", default="0:1,15:4,55:1", help="the ramp's clients over time (T:CLIENTS,...)")
+    parser.add_argument("--duration", type=float, default=80.0, help="the ramp's length in seconds (default 80)")
+    parser.add_argument("--interval", type=float, default=5.0, help="timeline rows every this many seconds")
+    parser.add_argument("--target-wait", type=float, default=3.0, help="the work policy's target_wait_s (default 3)")
+    parser.add_argument("--clients", type=int, default=2, help="side by side: clients per variant (default 2)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="side by side: load seconds (default 60)")
+    parser.add_argument("--max-replicas", type=int, default=2, help="side by side: max replicas per variant")
+    parser.add_argument("--out", type=Path, help="write the markdown here")
+    parser.add_argument("--png", type=Path, help="write the ramp's timeline PNG here")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from quantserve.serve.config import LimitsConfig
+    from quantserve.serve.proxy_guard import guarded_proxy
+
+    port = free_port()
+    with guarded_proxy(LimitsConfig()):  # also sets the 1 s autoscaling-metric push intervals, as `quantserve serve`
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve")
+    res: dict[str, Any] = {"target_wait_s": args.target_wait, "max_replicas": args.max_replicas,
+                           "clients": args.clients, "seconds": args.seconds}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
+        if args.only in (None, "ramp"):
+            res["ramp"] = ramp(port, base, args)
+        if args.only in (None, "side-by-side"):
+            res["side_by_side"] = side_by_side(port, base, args)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if args.png and "ramp" in res:
+        args.png.write_bytes(res["ramp"]["png"])
+    text = markdown(res, "python benchmarks/autoscaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    f"{platform.machine()}, {os.cpu_count()} cores", args.png.name if args.png else None)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        raw = {k: v for k, v in res.items()}
+        if "ramp" in raw:
+            raw["ramp"] = {k: v for k, v in raw["ramp"].items() if k != "png"}
+        args.json.write_text(json.dumps(raw, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
