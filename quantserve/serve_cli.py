@@ -130,6 +130,20 @@ def _stem(prompt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", str(prompt))[:32] or "image"
 
 
+def _post_ok(command: str, url: str, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
+             ) -> tuple[dict[str, str], bytes] | None:
+    """POST a JSON body: (response headers, body) of a 200; else None, the reason printed to stderr."""
+    try:
+        status, response_headers, data = post_json(url, body, timeout, headers)
+    except OSError as exc:
+        print(f"{command}: cannot reach {url}: {exc}", file=sys.stderr)
+        return None
+    if status != 200:
+        print(f"{command}: HTTP {status}: {error_message(data)}", file=sys.stderr)
+        return None
+    return response_headers, data
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     try:
         mode = generate_mode(args)
@@ -148,14 +162,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"quantserve generate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     headers = {"X-Quantserve-Force-Variant": args.force_variant} if args.force_variant else None
-    try:
-        status, resp_headers, body = post_json(url, _request_body(args), args.timeout, headers)
-    except OSError as exc:
-        print(f"quantserve generate: {url}: {exc}", file=sys.stderr)
+    answer = _post_ok("quantserve generate", url, _request_body(args), args.timeout, headers)
+    if answer is None:
         return EXIT_FAILED
-    if status != 200:
-        print(f"quantserve generate: HTTP {status}: {error_message(body)}", file=sys.stderr)
-        return EXIT_FAILED
+    resp_headers, body = answer
     payload = json.loads(body)
     variant = resp_headers.get("x-quantserve-variant", "unknown")
     seed = payload.get("quantserve", {}).get("seed", resp_headers.get("x-quantserve-seed", "x"))
@@ -341,7 +351,7 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
 
 def cmd_ab_action(args: argparse.Namespace) -> int:
     """promote | rollback | pause | resume: POST /v1/ab/rollout, then print the rollout's state."""
-    from .serve.client import api_base, error_message, post_json
+    from .serve.client import api_base
 
     command = f"quantserve ab {args.ab_command}"
     try:
@@ -350,15 +360,10 @@ def cmd_ab_action(args: argparse.Namespace) -> int:
         print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    try:
-        status, _, body = post_json(f"{base}/v1/ab/rollout", {"action": args.ab_command}, args.timeout, headers)
-    except OSError as exc:
-        print(f"{command}: cannot reach {base}: {exc}", file=sys.stderr)
+    answer = _post_ok(command, f"{base}/v1/ab/rollout", {"action": args.ab_command}, args.timeout, headers)
+    if answer is None:
         return EXIT_FAILED
-    if status != 200:
-        print(f"{command}: {status}: {error_message(body)}", file=sys.stderr)
-        return EXIT_FAILED
-    rollout = json.loads(body)["rollout"]
+    rollout = json.loads(answer[1])["rollout"]
     print(json.dumps(rollout, indent=2) if args.json else "\n".join(format_rollout(rollout)))
     return EXIT_OK
 
