@@ -92,6 +92,11 @@ def test_keys_on_the_real_server(keyed, caplog):
         ok = requests.post(f"{keyed}/v1/images/generations", json=body, timeout=120,
                            headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200, ok.text
+    # the rollout's manual control is behind the keys too (this app has no rollout: past the key, a 409)
+    assert requests.post(f"{keyed}/v1/ab/rollout", json={"action": "pause"}, timeout=30).status_code == 401
+    paused = requests.post(f"{keyed}/v1/ab/rollout", json={"action": "pause"}, timeout=30,
+                           headers={"Authorization": f"Bearer {KEY}"})
+    assert paused.status_code == 409 and "no rollout in the experiment" in paused.json()["error"]["message"]
     # probes stay open; the docs were enabled for this app
     assert requests.get(f"{keyed}/healthz", timeout=30).status_code == 200
     assert requests.get(f"{keyed}/readyz", timeout=30).status_code == 200
