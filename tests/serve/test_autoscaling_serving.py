@@ -53,10 +53,11 @@ def wanted_replicas(app_name: str) -> dict[str, int]:
 
 
 def load_until(url: str, bodies: list[dict[str, Any]], done: Any, timeout_s: float, min_s: float = 0.0,
-               replicas: Any = None) -> tuple[dict[str, int], list[Any]]:
+               replicas: Any = None, current: bool = False) -> tuple[dict[str, int], list[Any]]:
     """One client per body, sending back to back, until `done(peak replicas per variant)` (and at least `min_s`)
     or `timeout_s`; then every client finishes its request. (peak replicas per variant: `replicas()`, by default
-    the running ones; every answer: 200, or (status, the start of its body))."""
+    the running ones; with `current`, the latest reading instead of the peak; every answer: 200, or (status, the
+    start of its body))."""
     replicas = replicas or (lambda: running_replicas(url))
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +75,7 @@ def load_until(url: str, bodies: list[dict[str, Any]], done: Any, timeout_s: flo
         try:
             while time.monotonic() - started < timeout_s:
                 for name, n in replicas().items():
-                    peak[name] = max(peak.get(name, 0), n)
+                    peak[name] = n if current else max(peak.get(name, 0), n)
                 if time.monotonic() - started >= min_s and done(peak):
                     break
                 time.sleep(1)
@@ -119,6 +120,11 @@ def test_a_variant_at_zero_answers_then_scales_up_under_a_ramp_and_back(app: Run
         peak, statuses = load_until(url, [HEAVY] * 4, lambda replicas: replicas.get("idle-nf4", 0) >= 2, 180)
         assert statuses and set(statuses) == {200}, statuses  # nothing lost while scaling
         assert peak["idle-nf4"] == 2, peak
+        # scale-down under a steady load: one client keeps sending while a replica is chosen for removal; it
+        # finishes what it accepted (Serve's graceful shutdown), so nothing is lost
+        low, statuses = load_until(url, [HEAVY], lambda now: now.get("idle-nf4", 2) <= 1, 120, current=True)
+        assert low["idle-nf4"] == 1, low
+        assert statuses and set(statuses) == {200}, statuses
         wait_for(lambda: running(url) == 0, 120, "the variant to go back to zero once idle")
     finally:
         serve.delete(APP)
