@@ -66,7 +66,6 @@ class ABRouter:
         # the progressive rollout (serve/rollout.py), kept by a detached actor shared by every Ingress replica
         self.keeper: Any = None
         self.rollout: dict[str, Any] | None = None  # its latest state, as the keeper returned it
-        self.rollout_events_seen = 0
         self.pending_requests: list[tuple] = []
         self.pending_comparisons: list[tuple] = []
         self.sync_task: asyncio.Task | None = None
@@ -139,7 +138,6 @@ class ABRouter:
         before = self.rollout
         self.rollout = state
         if state is None:
-            self.rollout_events_seen = 0
             if before is not None:
                 self._split()
             return
@@ -148,7 +146,7 @@ class ABRouter:
             if event["time"] not in seen and before is not None:
                 logger.info("rollout %s vs %s: %s -> step %d, weight %g (%s)", state["candidate"], state["baseline"],
                             event["decision"], event["step"], event["weight"], event.get("reason", ""))
-        if before is None or before["version"] != state["version"] or before["weight"] != state["weight"]:
+        if before is None or before["version"] != state["version"]:  # the keeper bumps it with every weight change
             self._split()
 
     async def _sync_loop(self) -> None:
@@ -369,7 +367,8 @@ class ABRouter:
     async def models(self) -> list[dict[str, Any]]:
         """Every variant's info from one of its replicas; a variant that does not answer is listed as unavailable,
         one scaled to zero as such (asking it would start a replica)."""
-        running = await self._running_replicas() if self.may_idle else {}
+        running = ({n: v["running_replicas"] for n, v in (await self.readiness())["variants"].items()}
+                   if self.may_idle else {})
 
         async def one(name: str) -> dict[str, Any]:
             if name in self.may_idle and running.get(name) == 0:
@@ -382,16 +381,6 @@ class ABRouter:
                 return {"id": name, "scheme": self.schemes[name], "available": False,
                         "error": f"{type(exc).__name__}: {exc}"[:300]}
         return list(await asyncio.gather(*(one(name) for name in self.names)))
-
-    async def _running_replicas(self) -> dict[str, int]:
-        """Running replicas per variant, from Serve's status ({} when it cannot be read)."""
-        try:
-            status = await asyncio.to_thread(serve.status)
-            deployments = status.applications[self.app_name].deployments
-        except Exception:  # noqa: BLE001
-            return {}
-        return {name: int(d.replica_states.get("RUNNING", 0)) for name in self.names
-                if (d := deployments.get(self.deployments[name])) is not None}
 
     async def readiness(self) -> dict[str, Any]:
         """Per variant: its deployment's status and running replicas; ready when every variant has one, or may
