@@ -31,6 +31,7 @@ from .report import ratio_ci
 
 RUNNING, PAUSED, COMPLETE, ROLLED_BACK = "running", "paused", "complete", "rolled_back"
 ACTIONS = ("promote", "rollback", "pause", "resume")
+LIVE_JUDGE_INTERVAL_S = 5.0  # how often a step not yet due is judged for its live figures
 MAX_EVENTS = 200
 MAX_STEP_RECORDS = 200_000  # requests kept for one step's window (the oldest fall out)
 
@@ -132,6 +133,9 @@ class Rollout:
     failed: dict[str, Any] | None = None
     requests: deque = field(default_factory=lambda: deque(maxlen=MAX_STEP_RECORDS), repr=False)
     comparisons: deque = field(default_factory=lambda: deque(maxlen=MAX_STEP_RECORDS), repr=False)
+    judged_at: float | None = field(default=None, repr=False)  # the last judgement (not persisted)
+    observed: int = field(default=0, repr=False)  # records observed so far (not persisted)
+    judged_observed: int = field(default=-1, repr=False)  # ... as of the last judgement
 
     @classmethod
     def start(cls, config: Mapping[str, Any], now: float | None = None, reason: str = "configured") -> Rollout:
@@ -163,8 +167,11 @@ class Rollout:
         """Requests (time, variant, status, latency_s) and comparisons (time, variant, reference, mae, psnr, ssim)
         from the routers; only the candidate's and baseline's count."""
         pair = (self.candidate, self.baseline)
-        self.requests.extend(r for r in requests if r[1] in pair)
-        self.comparisons.extend(c for c in comparisons if c[1] == self.candidate and c[2] == self.baseline)
+        fresh = [r for r in requests if r[1] in pair]
+        fresh_comparisons = [c for c in comparisons if c[1] == self.candidate and c[2] == self.baseline]
+        self.requests.extend(fresh)
+        self.comparisons.extend(fresh_comparisons)
+        self.observed += len(fresh) + len(fresh_comparisons)
 
     def window(self) -> tuple[list, list]:
         """This step's requests and comparisons (those that arrived since it began)."""
@@ -177,11 +184,22 @@ class Rollout:
         if self.status != RUNNING:
             self.waiting = []
             return None
+        due_at = self.step_started + self.config["step_interval_s"]
+        left = due_at - now
+        # Judged when due (once it falls due, then on new records), and before that every LIVE_JUDGE_INTERVAL_S for
+        # the live figures (/v1/ab, the guard gauges), not at every router sync: the p95 ratio's bootstrap over a
+        # busy step is not free.
+        news = self.observed != self.judged_observed or self.judged_at is None or self.judged_at < due_at
+        recent = self.judged_at is not None and now - self.judged_at < LIVE_JUDGE_INTERVAL_S
+        if (left <= 0 and not news) or (left > 0 and recent):
+            self.waiting = [f"the step's window has {left:.0f} s to go", *self.waiting[1:]] \
+                if self.waiting and self.waiting[0].startswith("the step's window") else self.waiting
+            return None
+        self.judged_at, self.judged_observed = now, self.observed
         requests, comparisons = self.window()
         results, waiting = judge(_active(self.config["guards"]), self.candidate, self.baseline, requests,
                                  comparisons, self.config["min_requests"], self.config["min_comparisons"])
         self.guards = [r.to_dict() for r in results]
-        left = self.config["step_interval_s"] - (now - self.step_started)
         if left > 0:
             waiting = [f"the step's window has {left:.0f} s to go", *waiting]
         self.waiting = waiting

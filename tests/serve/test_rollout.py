@@ -250,3 +250,20 @@ def test_parse_action(body, status, text):
     with pytest.raises(RequestError) as exc:
         parse_action(body)
     assert exc.value.status == status and text in str(exc.value)
+
+
+def test_a_step_not_yet_due_is_judged_every_few_seconds_not_at_every_sync(monkeypatch):
+    import quantserve.serve.rollout as rollout_module
+
+    calls = []
+    real_judge = rollout_module.judge
+    monkeypatch.setattr(rollout_module, "judge", lambda *a, **k: calls.append(1) or real_judge(*a, **k))
+    r = Rollout.start(config(), now=T0)
+    r.observe(traffic(T0 + 1, 30), comparisons(T0 + 1, 6))
+    for second in range(2, 12):  # a router syncs every second while the 60 s step runs
+        assert r.tick(now=T0 + second) is None
+    assert len(calls) == 2  # at 2 s and at 7 s (LIVE_JUDGE_INTERVAL_S = 5)
+    assert r.guards and "to go" in r.waiting[0] and "49 s" in r.waiting[0]  # the countdown still moves
+    assert r.tick(now=T0 + 61)["decision"] == "advance"  # judged the moment it falls due
+    assert len(calls) == 3
+    assert r.tick(now=T0 + 62) is None and len(calls) == 3  # the new step: judged again only after 5 s
