@@ -242,9 +242,25 @@ class WorkEstimate:
     desired: int  # before Ray's delays; within min/max
 
 
-def estimate_work(ctx: Any, target_wait_s: float, default_job_s: float = DEFAULT_JOB_S) -> WorkEstimate:
-    """The policy's reading of an AutoscalingContext (see the module docstring for its fields)."""
-    metrics: Mapping[str, Mapping[Any, float]] = ctx.aggregated_metrics or {}
+def newest_metrics(ctx: Any) -> dict[str, dict[Any, float]]:
+    """Each replica's newest sample of the work metrics (ctx.raw_metrics: metric -> {replica: time series}), where
+    ctx.aggregated_metrics holds their mean over look_back_period_s. Empty when Ray passes no raw series."""
+    raw = ctx.raw_metrics or {}
+    newest: dict[str, dict[Any, float]] = {}
+    for name in (PENDING_WORK_METRIC, RUNNING_METRIC, QUEUED_METRIC, RAY_RUNNING_REQUESTS_METRIC):
+        for replica, series in (raw.get(name) or {}).items():
+            points = [p for p in series or () if _number(getattr(p, "value", None)) is not None]
+            if points:
+                newest.setdefault(name, {})[replica] = float(max(points, key=lambda p: p.timestamp).value)
+    return newest
+
+
+def estimate_work(ctx: Any, target_wait_s: float, default_job_s: float = DEFAULT_JOB_S,
+                  metrics: Mapping[str, Mapping[Any, float]] | None = None) -> WorkEstimate:
+    """The policy's reading of an AutoscalingContext (see the module docstring for its fields), from the replicas'
+    figures averaged over look_back_period_s (ctx.aggregated_metrics), or from `metrics` when given."""
+    if metrics is None:
+        metrics = ctx.aggregated_metrics or {}
     work = metrics.get(PENDING_WORK_METRIC, {})
     running = metrics.get(RUNNING_METRIC, {})
     queued = metrics.get(QUEUED_METRIC, {})
@@ -302,6 +318,11 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     """Ray Serve policy: the replicas that keep the expected queue wait at `target_wait_s`,
     ceil(total pending work s / target_wait_s), within [min_replicas, max_replicas] (capacity adjusted).
 
+    Fast up, slow down: the work is read from the replicas' figures averaged over look_back_period_s, and also from
+    each replica's newest sample (ctx.raw_metrics); the policy asks for the larger of the two counts. So a load
+    step scales up within a metrics push, and replicas go only after the whole window (and Ray's downscale delay)
+    has been quiet.
+
     At zero replicas with requests waiting it asks for at least one (Ray's cold-start path usually answers that
     before calling the policy). A running replica with no report yet (Ray pushes replica metrics every
     RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default) keeps the count from going below what
@@ -311,8 +332,16 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     if not target_wait_s > 0:
         raise ValueError(f"target_wait_s must be > 0, got {target_wait_s}")
     previous = dict((ctx.policy_state or {}).get(STATE_KEY, {}))
-    est = estimate_work(ctx, target_wait_s, default_job_s)
+    est = estimate_work(ctx, target_wait_s, default_job_s)  # the mean over look_back_period_s
     desired, reason = est.desired, "work"
+    newest = newest_metrics(ctx)
+    if newest.get(PENDING_WORK_METRIC):
+        # Up on the newest figures, down on the window's mean: a load step shows in the newest samples within a push
+        # interval, in the mean only once it fills the window (seconds later); and a lull must last the window, as
+        # well as Ray's downscale delay, before replicas go.
+        now = estimate_work(ctx, target_wait_s, default_job_s, metrics=newest)
+        if now.desired > desired:
+            est, desired, reason = now, now.desired, "work (newest figures)"
     if ctx.current_num_replicas > 0 and est.reporting == 0 and est.estimated == 0:
         # Nobody has reported yet (a fresh deployment, replicas just started, a restarted controller): keep the
         # target (a scale-up under way goes on), and go above it only on what Ray's own counts show.

@@ -39,11 +39,20 @@ def config(**overrides: Any) -> AutoscalingConfig:
 def context(running: list[ReplicaID], work: dict[ReplicaID, tuple[float, float, float]] | None = None, *,
             ray_running: dict[ReplicaID, float] | None = None, target: int | None = None,
             total_requests: float | None = None, handle_queued: float = 0.0, state: dict[str, Any] | None = None,
-            cfg: AutoscalingConfig | None = None) -> AutoscalingContext:
-    """A context as the controller builds it. work: per replica (pending_work_s, running_jobs, queued_jobs); a
-    replica that reports work also reports Ray's running_requests (its jobs) unless ray_running says otherwise."""
+            cfg: AutoscalingConfig | None = None,
+            newest: dict[ReplicaID, tuple[float, float, float]] | None = None) -> AutoscalingContext:
+    """A context as the controller builds it. work: per replica (pending_work_s, running_jobs, queued_jobs), the
+    mean over the look-back window; a replica that reports work also reports Ray's running_requests (its jobs)
+    unless ray_running says otherwise. newest: per replica, its newest sample of the same figures (the raw series
+    then runs oldest to newest: an older point, the newest one last but listed first, as order is not promised)."""
     cfg = cfg or config()
     work = work or {}
+    raw: dict[str, dict[ReplicaID, list[TimeStampedValue]]] = {}
+    now = time.time()
+    for replica, (seconds, run, queue) in (newest or {}).items():
+        for name, value in ((PENDING_WORK_METRIC, seconds), (RUNNING_METRIC, run), (QUEUED_METRIC, queue),
+                            ("running_requests", run + queue)):
+            raw.setdefault(name, {})[replica] = [TimeStampedValue(now - 0.1, value), TimeStampedValue(now - 2.0, -1.0)]
     metrics: dict[str, dict[ReplicaID, float]] = {}
     for replica, (seconds, run, queue) in work.items():
         metrics.setdefault(PENDING_WORK_METRIC, {})[replica] = seconds
@@ -58,7 +67,7 @@ def context(running: list[ReplicaID], work: dict[ReplicaID, tuple[float, float, 
         deployment_id=DEP, deployment_name=DEP.name, app_name=DEP.app_name,
         current_num_replicas=len(running), target_num_replicas=len(running) if target is None else target,
         running_replicas=running, total_num_requests=total_requests, total_queued_requests=handle_queued,
-        aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=cfg.min_replicas,
+        aggregated_metrics=metrics, raw_metrics=raw, capacity_adjusted_min_replicas=cfg.min_replicas,
         capacity_adjusted_max_replicas=cfg.max_replicas, policy_state=state or {}, last_scale_up_time=None,
         last_scale_down_time=None, current_time=time.time(), config=cfg)
 
@@ -85,6 +94,20 @@ def test_replicas_are_work_over_target_wait_rounded_up():
     assert work_aware_policy(ctx, target_wait_s=5.0)[0] == 3
     assert WorkAwarePolicy(target_wait_s=1.0)(ctx)[0] == 11  # the kwargs a class policy gets from Ray
     assert work_aware_policy(ctx, target_wait_s=10.5)[0] == 1  # exactly on the boundary: not one more
+
+
+def test_up_on_the_newest_figures_down_only_on_the_windows_mean():
+    reps = replicas(1)
+    # A load step 1 s into a 12 s window: the mean still reads 1.5 s of work, the newest sample 9 s.
+    step = context(reps, {reps[0]: (1.5, 1, 0.5)}, newest={reps[0]: (9.0, 1, 5)})
+    n, state = work_aware_policy(step, target_wait_s=2.0)
+    assert n == 5 and state[STATE_KEY]["reason"] == "work (newest figures)"
+    assert state[STATE_KEY]["work_s"] == pytest.approx(9.0)
+    assert work_aware_policy(context(reps, {reps[0]: (1.5, 1, 0.5)}), 2.0)[0] == 1  # the mean alone: one
+    # A lull: the newest sample is idle but the window's mean still holds work, so nothing goes yet.
+    lull = context(replicas(3), {r: (4.0, 1, 1) for r in replicas(3)}, newest={r: (0.0, 0, 0) for r in replicas(3)})
+    n, state = work_aware_policy(lull, target_wait_s=2.0)
+    assert n == 6 and state[STATE_KEY]["reason"] == "work"
 
 
 def test_the_decision_is_clamped_to_min_and_max():
