@@ -8,6 +8,7 @@ digits' rules: a prompt is a digit (0-9 or its word), images are square, no nega
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from quantserve.runtime.dtypes import FLOAT_DTYPES, dtype_from_name
+from quantserve.runtime.phases import merge_phases
 from quantserve.serve.config import ConfigError, ResolvedLimits, VariantConfig
 from quantserve.serve.protocol import (
     ClientError,
@@ -142,12 +144,14 @@ class DigitsFamily(PipelineFamily):
         return None
 
     def load(self, source: ModelSource, config: VariantConfig, limits: ResolvedLimits, device: str) -> ServedPipeline:
+        began = time.perf_counter()
         from diffusers import DDIMScheduler
 
         from quantserve.runtime import load_model
 
         from .pipeline import DigitsPipeline
 
+        imports = time.perf_counter() - began  # diffusers' model classes (and what they pull in): most of a start
         self.check(source, config, source.field.rsplit(".", 1)[0])
         dtype = dtype_from_name(config.dtype, FLOAT_DTYPES)
         spec = config.quantization_spec()
@@ -155,5 +159,10 @@ class DigitsFamily(PipelineFamily):
             spec = spec["transformer"]
         transformer = load_model(source.path / "transformer", spec, device=device, torch_dtype=dtype,
                                  kernel_policy=config.kernel_policy or None)
+        mark = time.perf_counter()
         scheduler = DDIMScheduler.from_pretrained(source.path / "scheduler")
-        return ServedDigits(DigitsPipeline(transformer, scheduler, dtype=dtype), limits)
+        served = ServedDigits(DigitsPipeline(transformer, scheduler, dtype=dtype), limits)
+        # the cold-start phases (runtime/phases.py): the transformer's load, and the imports and scheduler around it
+        served.report.phases = merge_phases({"imports": imports}, served.report.phases or {},
+                                            {"components": time.perf_counter() - mark})
+        return served

@@ -14,6 +14,7 @@ The loader's phases (`LoadReport.phases`, `PipelineReport.phases`; a replica exp
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -63,3 +64,20 @@ def merge_phases(*parts: Mapping[str, float]) -> dict[str, float]:
             total[name] = total.get(name, 0.0) + seconds
     order = {name: i for i, name in enumerate(LOAD_PHASES)}
     return dict(sorted(total.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a start (imports, load, first forward), then on again with what
+    the start built moved to the permanent generation (gc.freeze). The imports allocate millions of objects that
+    live as long as the process, and the collector would walk them again and again: pausing it cut the digits
+    replica's imports and load by about a quarter here (benchmarks/RESULTS.md, "Autoscaling"), and frozen objects
+    are never walked by the collections while serving either."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()

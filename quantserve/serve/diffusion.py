@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from ray import serve
 
+from quantserve.runtime.phases import collector_paused
+
 from .config import ResolvedLimits, VariantConfig
 from .gemm_probe import GemmProbe
 from .generation import BatchGenerator, BatchStats, client_outcome, error_outcome, load_variant
@@ -45,6 +47,10 @@ class Diffusion:
         began = time.perf_counter()
         # the worker process's start, Ray's set-up and the imports, up to this constructor
         self.cold_start = {"process": max(0.0, time.time() - _process_started())}
+        with collector_paused():  # a start allocates millions of lasting objects: no collections over them
+            self._start_up(variant, limits, index, began)
+
+    def _start_up(self, variant: dict[str, Any], limits: dict[str, Any] | None, index: int | None, began: float) -> None:
         self.config = VariantConfig.model_validate(variant)
         torch.set_num_threads(self.config.resources.torch_threads)
         field = f"variants.{index}.model" if index is not None else f"variants[{self.config.name}].model"

@@ -8,7 +8,7 @@ import torch
 
 from quantserve.runtime import load_pipeline, save_quantized
 from quantserve.runtime.model_files import ALIGNMENT, MMAP_ENV, SafetensorsSource, save_safetensors_aligned
-from quantserve.runtime.phases import LOAD_PHASES, PhaseTimer
+from quantserve.runtime.phases import LOAD_PHASES, PhaseTimer, collector_paused
 from quantserve.runtime.quant_linear import QuantLinear
 from tests.pipelines_fixtures import tiny_pipeline_dir
 
@@ -135,3 +135,36 @@ def test_phase_timer_counts_nested_phases_exclusively():
                 time.sleep(0.01)
     assert 0.015 < timer.seconds["unpack"] < 0.035
     assert 0.035 < timer.seconds["read"] < 0.06
+
+
+def test_the_collector_is_paused_for_a_start_and_what_it_built_is_frozen():
+    import gc
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]  # what a start builds and keeps
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        with pytest.raises(RuntimeError), collector_paused():  # a failed start turns it back on too
+            raise RuntimeError("load failed")
+        assert gc.isenabled()
+        gc.disable()  # a process that runs without the collector keeps it off
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_the_digits_family_reports_its_imports_as_a_load_phase():
+    from quantserve.serve.config import VariantConfig
+    from quantserve.serve.generation import load_variant
+
+    loaded = load_variant(VariantConfig.model_validate({"name": "v", "quantization": "nf4"}))
+    phases = loaded.phases
+    assert list(phases)[0] == "imports" and "components" in phases and phases["quantize"] > 0
+    assert all(seconds >= 0 for seconds in phases.values())

@@ -44,12 +44,9 @@ def running_replicas(url: str) -> dict[str, int]:
 
 def wanted_replicas(app_name: str) -> dict[str, int]:
     """Replicas per variant that Serve is starting or running: the autoscaler's decision, before a slow start ends."""
-    from ray import serve
+    from quantserve.serve.deploy import replica_counts
 
-    deployments = serve.status().applications[app_name].deployments
-    return {name.removeprefix("Diffusion_"): sum(n for state, n in d.replica_states.items()
-                                                 if state in ("STARTING", "UPDATING", "RUNNING"))
-            for name, d in deployments.items() if name.startswith("Diffusion_")}
+    return {variant: counts["wanted"] for variant, counts in replica_counts(app_name).items()}
 
 
 def load_until(url: str, bodies: list[dict[str, Any]], done: Any, timeout_s: float, min_s: float = 0.0,
@@ -112,7 +109,7 @@ def test_a_variant_at_zero_answers_then_scales_up_under_a_ramp_and_back(app: Run
         assert running(url) >= 1
         [model] = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
         phases = model["cold_start_s"]
-        assert {"process", "autotune", "health", "total"} <= set(phases) and phases["total"] > 0
+        assert {"process", "imports", "autotune", "health", "total"} <= set(phases) and phases["total"] > 0
         assert "pending_work_s" in model["work"]
         print(f"first request at zero answered in {cold_s:.1f} s; replica start {phases}")
 
