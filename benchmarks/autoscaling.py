@@ -74,17 +74,13 @@ class Watcher:
         self.thread.start()
 
     def _run(self) -> None:
-        from ray import serve
+        from quantserve.serve.deploy import replica_counts
 
         while not self.stop.is_set():
             try:
-                deployments = serve.status().applications[self.app_name].deployments
-                wanted = {n.removeprefix("Diffusion_"): sum(c for s, c in d.replica_states.items()
-                                                            if s in ("STARTING", "UPDATING", "RUNNING"))
-                          for n, d in deployments.items() if n.startswith("Diffusion_")}
-                running = {n.removeprefix("Diffusion_"): d.replica_states.get("RUNNING", 0)
-                           for n, d in deployments.items() if n.startswith("Diffusion_")}
-                self.samples.append((time.monotonic() - self.t0, wanted, running))
+                counts = replica_counts(self.app_name)
+                self.samples.append((time.monotonic() - self.t0, {v: c["wanted"] for v, c in counts.items()},
+                                     {v: c["running"] for v, c in counts.items()}))
             except Exception:  # noqa: BLE001 - the app may be starting or going
                 pass
             self.stop.wait(1.0)

@@ -33,6 +33,8 @@ VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # "WxH", ASCII digits; always matched with fullmatch
 
 
+DEPLOYMENT_PREFIX = "Diffusion_"  # a variant's deployment is named DEPLOYMENT_PREFIX + its name
+
 class ConfigError(ValueError):
     """A serve config that cannot be used; the message names every bad field."""
 
@@ -213,7 +215,7 @@ class VariantConfig(_Strict):
 
     @property
     def deployment_name(self) -> str:
-        return f"Diffusion_{self.name}"
+        return f"{DEPLOYMENT_PREFIX}{self.name}"
 
     def ray_actor_options(self) -> dict[str, Any]:
         return {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus}

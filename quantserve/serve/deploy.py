@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 
 from .app import ray_serve_config
-from .config import ServeConfig
+from .config import DEPLOYMENT_PREFIX, ServeConfig
 
 
 class DeployError(RuntimeError):
@@ -66,6 +66,21 @@ def app_status(app_name: str) -> tuple[str, str]:
         if d.message and str(getattr(d.status, "value", d.status)) != "HEALTHY":
             messages.append(f"{name}: {d.message}")
     return str(getattr(app.status, "value", app.status)), "\n".join(messages)
+
+
+STARTED_STATES = ("STARTING", "UPDATING", "RUNNING")  # replicas Serve has decided on, started or not yet
+
+
+def replica_counts(app_name: str) -> dict[str, dict[str, int]]:
+    """Per variant of a running app: {"wanted": replicas Serve is starting or running (the autoscaler's decision,
+    before a slow start ends), "running": replicas serving}. Empty when the app is not there."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name.removeprefix(DEPLOYMENT_PREFIX): {"wanted": sum(n for state, n in d.replica_states.items()
+                                                      if state in STARTED_STATES),
+                                        "running": int(d.replica_states.get("RUNNING", 0))}
+            for name, d in app.deployments.items() if name.startswith(DEPLOYMENT_PREFIX)}
 
 
 def wait_running(app_name: str, timeout_s: float = 600.0, stop: Callable[[], bool] | None = None,
