@@ -64,12 +64,15 @@ RUNNING_METRIC ("running_jobs") and QUEUED_METRIC ("queued_jobs").
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger("ray.serve")  # in the controller, Serve's own log
 
 PENDING_WORK_METRIC = "pending_work_s"
 RUNNING_METRIC = "running_jobs"
@@ -350,6 +353,10 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     state = {"job_s": est.job_s if est.reporting else previous.get("job_s", default_job_s), "work_s": est.work_s,
              "jobs": est.jobs, "desired": desired, "reporting": est.reporting, "estimated": est.estimated,
              "silent": est.silent, "reason": reason}
+    if desired != previous.get("desired"):  # in Serve's controller log: why the wish changed (Ray's delays follow)
+        logger.info("work policy for %s: wants %d replicas (running %d): %.2f s of pending work over %.1f jobs "
+                    "at %.3f s per job, target_wait_s %g (%s)", getattr(ctx, "deployment_name", "?"), desired,
+                    ctx.current_num_replicas, est.work_s, est.jobs, est.job_s, target_wait_s, reason)
     return desired, {STATE_KEY: state}
 
 

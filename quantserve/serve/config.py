@@ -61,8 +61,11 @@ class AutoscalingConfig(_Strict):
     downscale_delay_s: float = Field(60.0, ge=0, le=3600)
     look_back_period_s: float = Field(12.0, gt=0, le=3600,
                                       description="the window Serve averages the replicas' metrics over (Ray's "
-                                                  "default 30 s slows every reaction; keep it above 10 s, the "
-                                                  "deprecated metrics_interval_s, or Ray warns)")
+                                                  "default 30 s slows every reaction); above metrics_interval_s")
+    metrics_interval_s: float = Field(1.0, gt=0, le=60, description=(
+        "how often replicas and handles push their autoscaling figures to Serve's controller. Ray 2.60 reads it "
+        "from here (its deprecated `metrics_interval_s`, default 10 s: a load step would wait up to 10 s to be "
+        "seen); the environment variables meant to replace it are set too (serve/proxy_guard.py)"))
     downscale_to_zero_delay_s: float | None = Field(None, ge=0, le=24 * 3600,
                                                     description="1 -> 0 after this long idle (min_replicas: 0); "
                                                                 "default: downscale_delay_s")
@@ -73,6 +76,9 @@ class AutoscalingConfig(_Strict):
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         if self.downscale_to_zero_delay_s is not None and self.min_replicas > 0:
             raise ValueError("downscale_to_zero_delay_s needs min_replicas: 0 (it is the delay from 1 replica to 0)")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be greater than metrics_interval_s "
+                             f"({self.metrics_interval_s}): the window averages several pushes")
         return self
 
     def to_ray(self) -> dict[str, Any]:

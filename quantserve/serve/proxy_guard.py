@@ -45,9 +45,11 @@ class HeaderGuard:
 _guard = HeaderGuard()
 
 
-# How often replicas and handles push their autoscaling metrics to Serve's controller: Ray's default, 10 s, is
-# added to every scale-up's reaction time; a variant's few heavy replicas afford 1 s. A value already in the
-# environment is kept.
+# How often replicas and handles sample and push their autoscaling metrics to Serve's controller. Ray's default
+# push, 10 s, is added to every scale-up's reaction time; a variant's few heavy replicas afford 1 s. Ray 2.60 takes
+# the push interval from each deployment's autoscaling_config.metrics_interval_s (deprecated; quantserve's config
+# sets it to 1 s, serve/config.py) and ignores the two PUSH_INTERVAL variables below, which are to replace it in a
+# later Ray; the sampling factor it does read. A value already in the environment is kept.
 AUTOSCALING_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                    # a sample every look_back_period_s x 0.05 (0.6 s at the default 12 s; Ray's 0.2 gives 2.4 s):
@@ -57,7 +59,7 @@ AUTOSCALING_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 
 def proxy_environment(limits: Any) -> dict[str, str]:
     """The environment of a Ray node that serves quantserve: Serve's proxy installs these guards with `limits` (a
-    LimitsConfig), and replicas push their autoscaling metrics every second (AUTOSCALING_ENV)."""
+    LimitsConfig), and replicas sample and push their autoscaling metrics often (AUTOSCALING_ENV)."""
     return {CALLBACK_ENV: CALLBACK,
             LIMITS_ENV: json.dumps({name: getattr(limits, name) for name in HEADER_FIELDS}),
             **{name: os.environ.get(name, value) for name, value in AUTOSCALING_ENV.items()}}

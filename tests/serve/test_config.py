@@ -200,6 +200,8 @@ def test_autoscaling_policies_and_scale_to_zero_reach_ray_serve() -> None:
     assert ray_config.policy.policy_kwargs["target_wait_s"] == 1.5
     requests_policy = RayAutoscaling(**AutoscalingConfig(min_replicas=2, max_replicas=4).to_ray())
     assert requests_policy.initial_replicas == 2 and "quantserve" not in str(requests_policy.policy.policy_function)
+    # Ray 2.60 pushes replica and handle figures every metrics_interval_s (its default 10 s): set to 1 s here
+    assert ray_config.metrics_interval_s == 1.0 and requests_policy.metrics_interval_s == 1.0
 
 
 @pytest.mark.parametrize("autoscaling, message", [
@@ -207,6 +209,8 @@ def test_autoscaling_policies_and_scale_to_zero_reach_ray_serve() -> None:
     ({"target_wait_s": 0}, "variants.0.autoscaling.target_wait_s"),
     ({"min_replicas": 1, "downscale_to_zero_delay_s": 10}, "downscale_to_zero_delay_s needs min_replicas: 0"),
     ({"min_replicas": -1}, "variants.0.autoscaling.min_replicas"),
+    ({"look_back_period_s": 2, "metrics_interval_s": 2}, "look_back_period_s .* must be greater than metrics_interval_s"),
+    ({"metrics_interval_s": 0}, "variants.0.autoscaling.metrics_interval_s"),
 ])
 def test_bad_autoscaling_names_the_field(autoscaling: dict, message: str) -> None:
     from quantserve.serve.config import ConfigError, parse_config

@@ -255,8 +255,9 @@ containers:
     value: quantserve.serve.proxy_guard:install
   - name: QUANTSERVE_PROXY_LIMITS
     value: {{ pick ($v.serve.limits | default dict) "header_timeout_s" "max_header_bytes" "max_headers" | toJson | quote }}
-  {{- /* replicas and handles push autoscaling metrics every second, not Ray's 10 s, and sample them every
-         look_back_period_s x 0.05 (serve/proxy_guard.py AUTOSCALING_ENV); an entry of env below overrides it */}}
+  {{- /* replicas and handles sample autoscaling metrics every look_back_period_s x 0.05 and push them every
+         second (serve/proxy_guard.py AUTOSCALING_ENV; Ray 2.60 reads the push interval from the serve config's
+         autoscaling.metrics_interval_s, later Rays from these); an entry of env below overrides it */}}
   - name: RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
     value: "1"
   - name: RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S
