@@ -104,12 +104,34 @@ class AutotuneConfig(_Strict):
                                                               "is left untuned keeps the fixed preference")
 
 
+# Ray's own resources, which a replica reserves through their own fields (or not at all), not `resources.custom`
+RESERVED_RESOURCES = {"CPU": "resources.num_cpus", "GPU": "resources.num_gpus", "memory": "",
+                      "object_store_memory": ""}
+
+
 class ResourcesConfig(_Strict):
     """What one replica reserves from Ray, and the torch threads it computes with."""
 
     num_cpus: float = Field(0.5, ge=0, le=256)
     num_gpus: float = Field(0.0, ge=0, le=16)
     torch_threads: int = Field(1, ge=1, le=256)
+    custom: dict[str, float] = Field(default_factory=dict, description=(
+        "Ray custom resources one replica reserves, name -> amount (0 < amount <= 1024), e.g. {fake_gpu: 1}, or "
+        "on Kubernetes a resource a worker group advertises for its accelerator type; a replica is placed only on "
+        "a node that has them, and Ray's cluster autoscaler adds such a node when none has them free"))
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name.strip():
+                raise ValueError("a custom resource needs a non-empty name")
+            if name in RESERVED_RESOURCES:
+                own = RESERVED_RESOURCES[name]
+                raise ValueError(f"{name!r} is Ray's own resource, not a custom one" + (f": use {own}" if own else ""))
+            if not (isinstance(amount, (int, float)) and math.isfinite(amount) and 0 < amount <= 1024):
+                raise ValueError(f"{name}: the amount must be > 0 and <= 1024 (got {amount!r})")
+        return value
 
 
 class BatchingConfig(_Strict):
@@ -224,7 +246,10 @@ class VariantConfig(_Strict):
         return f"{DEPLOYMENT_PREFIX}{self.name}"
 
     def ray_actor_options(self) -> dict[str, Any]:
-        return {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus}
+        options: dict[str, Any] = {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus}
+        if self.resources.custom:
+            options["resources"] = dict(self.resources.custom)
+        return options
 
 
 class ShadowConfig(_Strict):

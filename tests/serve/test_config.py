@@ -217,3 +217,37 @@ def test_bad_autoscaling_names_the_field(autoscaling: dict, message: str) -> Non
 
     with pytest.raises(ConfigError, match=message):
         parse_config({"variants": [{"name": "nf4", "quantization": "nf4", "autoscaling": autoscaling}]})
+
+
+def test_custom_resources_reach_the_replicas_ray_actor_options() -> None:
+    cfg = parse_config({"variants": [
+        {"name": "gpu", "resources": {"num_cpus": 0, "custom": {"fake_gpu": 1, "accelerator_type:L4": 0.5}}},
+        {"name": "plain"}]})
+    assert cfg.variants[0].ray_actor_options() == {"num_cpus": 0, "num_gpus": 0,
+                                                   "resources": {"fake_gpu": 1, "accelerator_type:L4": 0.5}}
+    assert "resources" not in cfg.variants[1].ray_actor_options()  # none asked for: Ray's own options as before
+    # the Ray Serve form carries them to the builder, which binds them into the variant's deployment
+    args = ray_serve_config(cfg)["applications"][0]["args"]
+    assert args["variants"][0]["resources"]["custom"] == {"fake_gpu": 1, "accelerator_type:L4": 0.5}
+    deployment = config_from_args(args).variants[0]
+    assert deployment.ray_actor_options()["resources"] == {"fake_gpu": 1, "accelerator_type:L4": 0.5}
+
+
+@pytest.mark.parametrize("custom, message", [
+    ({"": 1}, "non-empty name"),
+    ({" ": 1}, "non-empty name"),
+    ({"CPU": 1}, "'CPU' is Ray's own resource, not a custom one: use resources.num_cpus"),
+    ({"GPU": 1}, "'GPU' is Ray's own resource, not a custom one: use resources.num_gpus"),
+    ({"memory": 1e9}, "'memory' is Ray's own resource"),
+    ({"object_store_memory": 1e9}, "'object_store_memory' is Ray's own resource"),
+    ({"fake_gpu": 0}, "fake_gpu: the amount must be > 0 and <= 1024"),
+    ({"fake_gpu": -1}, "fake_gpu: the amount must be > 0 and <= 1024"),
+    ({"fake_gpu": 1025}, "fake_gpu: the amount must be > 0 and <= 1024"),
+    ({"fake_gpu": float("inf")}, "fake_gpu: the amount must be > 0 and <= 1024"),
+    ({"fake_gpu": "one"}, "variants.0.resources.custom.fake_gpu"),
+    (["fake_gpu"], "variants.0.resources.custom"),
+])
+def test_bad_custom_resources_name_the_field(custom: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"variants": [{"name": "a", "resources": {"custom": custom}}]})
+    assert "variants.0.resources.custom" in str(info.value) and message in str(info.value), str(info.value)
