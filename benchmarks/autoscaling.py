@@ -4,7 +4,7 @@ policy and the work policy side by side, on one local Ray instance started by th
     python benchmarks/autoscaling.py --out benchmarks/autoscaling.md --png benchmarks/autoscaling_ramp.png
     python benchmarks/autoscaling.py --only ramp --model flux        # the ramp on the tiny FLUX pipeline
 
-Ramp: one variant (policy work, min 1, max 3) under clients `--schedule` (default 0:1,15:4,55:1 for 80 s); each
+Ramp: one variant (policy work, min 1, max --ramp-max-replicas, default 3) under clients `--schedule` (default 0:1,15:4,55:1 for 80 s); each
 request is --ramp-job. Reported: the time from the load step to Serve deciding on a second replica and to that replica
 serving, p95 latency and queue wait during the scale-up, requests sent and answered, the replicas over time.
 
@@ -65,7 +65,7 @@ def model_fields(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 class Watcher:
-    """Every second: replicas per variant that Serve starts or runs (its decision) and that run."""
+    """Every half second: replicas per variant that Serve starts or runs (its decision) and that run."""
 
     def __init__(self, app_name: str):
         self.app_name, self.samples, self.stop = app_name, [], threading.Event()
@@ -83,7 +83,7 @@ class Watcher:
                                      {v: c["running"] for v, c in counts.items()}))
             except Exception:  # noqa: BLE001 - the app may be starting or going
                 pass
-            self.stop.wait(1.0)
+            self.stop.wait(0.5)
 
     def close(self) -> None:
         self.stop.set()
@@ -133,7 +133,7 @@ def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
 
     fields, job = model_fields(args.model)
     app = "bench-ramp"
-    deploy(parse_config({"app_name": app, "variants": [variant("v", fields, "work", args.target_wait, 3)],
+    deploy(parse_config({"app_name": app, "variants": [variant("v", fields, "work", args.target_wait, args.ramp_max_replicas)],
                          "http": {"host": "127.0.0.1", "port": port}, "request_timeout_s": 180,
                          "limits": {"max_steps": 200, "max_n": 4, "max_size": 128}}),
            timeout_s=600, route_prefix="/ramp")
@@ -156,8 +156,10 @@ def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
     watcher.close()
     serve.delete(app)
     step = next((p.at_s for p in schedule if p.clients > schedule[0].clients), 0.0)
-    decided = next((t for t, wanted, _ in watcher.samples if t >= step and wanted.get("v", 0) >= 2), None)
-    serving = next((t for t, _, running in watcher.samples if t >= step and running.get("v", 0) >= 2), None)
+    # the first second replica Serve decides on and the first that serves, wherever they fall: one that came
+    # before the load step would be a false start (and would flatter the figures after it), so it is reported
+    decided = next((t for t, wanted, _ in watcher.samples if wanted.get("v", 0) >= 2), None)
+    serving = next((t for t, _, running in watcher.samples if running.get("v", 0) >= 2), None)
     during = [r for r in results if step <= r["sent_s"] <= (serving or end) and r["status"] == 200]
     outcomes = [Outcome(start_s=r["sent_s"], end_s=r["done_s"], status=r["status"], queue_ms=r["queue_ms"],
                         variant=r["variant"]) for r in results]
@@ -167,7 +169,7 @@ def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
         seen = [running for s, _, running in watcher.samples if s <= t]
         replicas_by_row.append(seen[-1] if seen else None)
     rows = build_timeline(outcomes, schedule, args.interval, max(r["done_s"] for r in results), replicas_by_row, end)
-    return {"model": args.model, "schedule": args.schedule, "job": job, "sent": len(results),
+    return {"model": args.model, "max_replicas": args.ramp_max_replicas, "schedule": args.schedule, "job": job, "sent": len(results),
             "answered_200": sum(r["status"] == 200 for r in results),
             "lost": [r["status"] for r in results if r["status"] != 200],
             "step_s": step, "second_replica_decided_s": None if decided is None else round(decided - step, 1),
@@ -175,6 +177,7 @@ def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
             "p95_latency_during_scale_up_s": p95([r["latency_s"] for r in during]),
             "p95_queue_during_scale_up_ms": p95([r["queue_ms"] for r in during if r["queue_ms"] is not None]),
             "peak_replicas": max((w.get("v", 0) for _, w, _ in watcher.samples), default=0),
+            "samples": [(round(t, 2), wanted.get("v", 0), running.get("v", 0)) for t, wanted, running in watcher.samples],
             "rows": rows, "csv": rows_to_csv(rows),
             "png": render_png(rows, title=f"ramp {args.schedule}, {args.model}, work policy")}
 
@@ -237,7 +240,7 @@ def markdown(res: dict[str, Any], command: str, machine: str, png_name: str | No
              "reservation, autoscaling metrics pushed every second, look_back_period_s 3.", f"Command: `{command}`", ""]
     if "ramp" in res:
         r = res["ramp"]
-        lines += [f"### Ramp ({r['model']}, work policy, target_wait_s {res['target_wait_s']}, min 1, max 3)", "",
+        lines += [f"### Ramp ({r['model']}, work policy, target_wait_s {res['target_wait_s']}, min 1, max {r['max_replicas']})", "",
                   f"Schedule {r['schedule']} (clients), each sending {r['job']} back to back.", "",
                   "| figure | value |", "| --- | ---: |",
                   f"| requests sent / answered 200 | {r['sent']} / {r['answered_200']} |",
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=2, help="side by side: clients per variant (default 2)")
     parser.add_argument("--seconds", type=float, default=60.0, help="side by side: load seconds (default 60)")
     parser.add_argument("--max-replicas", type=int, default=2, help="side by side: max replicas per variant")
+    parser.add_argument("--ramp-max-replicas", type=int, default=3, help="ramp: the variant's max replicas (default 3)")
     parser.add_argument("--out", type=Path, help="write the markdown here")
     parser.add_argument("--png", type=Path, help="write the ramp's timeline PNG here")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
