@@ -350,6 +350,12 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
         # target (a scale-up under way goes on), and go above it only on what Ray's own counts show.
         lo, hi = int(ctx.capacity_adjusted_min_replicas), int(ctx.capacity_adjusted_max_replicas)
         desired, reason = max(desired, max(lo, min(hi, int(ctx.target_num_replicas)))), "no replica metrics yet"
+    elif ctx.current_num_replicas == 0 and int(ctx.target_num_replicas) > desired:
+        # Replicas asked for (a deploy's initial one, a cold start) and none running yet: keep the target until one
+        # runs, as Ray's default policy does. Else a start slower than downscale_to_zero_delay_s (a node to be added
+        # first) is stopped before it ever loads, and the deploy returns without having loaded the variant.
+        hi = int(ctx.capacity_adjusted_max_replicas)
+        desired, reason = max(desired, min(hi, int(ctx.target_num_replicas))), "replicas starting, none running yet"
     state = {"job_s": est.job_s if est.reporting else previous.get("job_s", default_job_s), "work_s": est.work_s,
              "jobs": est.jobs, "desired": desired, "reporting": est.reporting, "estimated": est.estimated,
              "silent": est.silent, "reason": reason}

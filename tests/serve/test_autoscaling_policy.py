@@ -415,3 +415,17 @@ def test_the_estimator_refuses_nonsense():
         WorkEstimator(alpha=0)
     est.finish("unknown", 1.0)  # ignored
     assert est.rates() == {}
+
+
+def test_replicas_still_starting_keep_their_target_until_one_runs():
+    """A deploy's initial replica at min_replicas 0 (or a cold start's), not running yet: its start may outlast
+    downscale_to_zero_delay_s (a node added for it first), and wanting 0 meanwhile would stop it before it ever
+    loads. Ray's own policy holds the target while nothing runs; so does this one."""
+    cfg = config(min_replicas=0, max_replicas=4)
+    n, state = work_aware_policy(context([], target=1, total_requests=0, cfg=cfg), 2.0)
+    assert n == 1 and state[STATE_KEY]["reason"] == "replicas starting, none running yet"
+    assert work_aware_policy(context([], target=6, total_requests=0, cfg=cfg), 2.0)[0] == 4  # within the bounds
+    assert work_aware_policy(context([], target=0, total_requests=0, cfg=cfg), 2.0)[0] == 0  # at zero, stays
+    # once one runs (and reports nothing waiting) the policy may take it away again
+    running = replicas(1)
+    assert work_aware_policy(context(running, {running[0]: (0.0, 0, 0)}, target=1, cfg=cfg), 2.0)[0] == 0
