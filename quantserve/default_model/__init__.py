@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-_LAZY = {"DigitsOutput", "DigitsPipeline", "parse_digit", "parse_prompts"}
+from .prompts import parse_digit, parse_prompts
+
+_LAZY = {"DigitsOutput", "DigitsPipeline"}
 
 
 def __getattr__(name: str):

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-NUM_CLASSES = 10
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from .prompts import DIGIT_NAMES, NUM_CLASSES  # noqa: F401 - re-exported
 # DiT's LabelEmbedding appends one extra row for classifier-free guidance when its dropout is > 0,
 # so num_embeds_ada_norm=10 gives an 11-row table whose row 10 is the null (unconditional) class.
 NULL_CLASS = NUM_CLASSES

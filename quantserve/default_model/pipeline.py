@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,34 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from .model import DIGIT_NAMES, IMAGE_SIZE, NULL_CLASS
-
-Prompt = str | int
-_WORDS = {name: i for i, name in enumerate(DIGIT_NAMES)}
-ACCEPTED_PROMPTS = "0-9 (int or str) or the words " + ", ".join(DIGIT_NAMES)
-
-
-def parse_digit(prompt: object) -> int:
-    """Turn a prompt like 7, "7" or " Seven " into its class index 0..9; raise ValueError otherwise."""
-    if isinstance(prompt, numbers.Integral) and not isinstance(prompt, bool) and 0 <= int(prompt) <= 9:
-        return int(prompt)
-    if isinstance(prompt, str):
-        text = prompt.strip().lower()
-        if len(text) == 1 and text in "0123456789":
-            return int(text)
-        if text in _WORDS:
-            return _WORDS[text]
-    raise ValueError(f"prompt {prompt!r} is not a digit: accepted prompts are {ACCEPTED_PROMPTS}")
-
-
-def parse_prompts(prompts: Prompt | Sequence[Prompt]) -> list[int]:
-    """Parse one prompt or a sequence of prompts into class indices, in order."""
-    if isinstance(prompts, (str, numbers.Integral)):
-        prompts = [prompts]
-    labels = [parse_digit(p) for p in prompts]
-    if not labels:
-        raise ValueError(f"prompts is empty: give at least one of {ACCEPTED_PROMPTS}")
-    return labels
+from .model import IMAGE_SIZE, NULL_CLASS
+from .prompts import ACCEPTED_PROMPTS, Prompt, parse_digit, parse_prompts  # noqa: F401 - re-exported
 
 
 def to_pil(pixels: torch.Tensor, image_size: int) -> list[Image.Image]:

@@ -53,7 +53,7 @@ class ServedDigits(ServedPipeline):
         self.modules = [pipe.transformer]
 
     def normalize(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        from .pipeline import parse_prompts
+        from .prompts import parse_prompts
 
         out = check_common(job, self.limits, 1.0, _square)
         if out["negative_prompt"] is not None:
@@ -135,7 +135,7 @@ class DigitsFamily(PipelineFamily):
                               "transformer: give a scheme, a quantization_config block or {transformer: ...}")
 
     def check_prompt(self, prompt: str) -> str | None:
-        from .pipeline import parse_prompts
+        from .prompts import parse_prompts  # light: the Ingress calls this
 
         try:
             parse_prompts([prompt])

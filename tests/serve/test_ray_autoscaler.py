@@ -34,12 +34,9 @@ IDLE_TIMEOUT_MIN = 0.1  # the autoscaler removes a node idle this long (6 s)
 UP_BOUND_S = 90  # deploy or request -> node added -> replica running (about 15 s idle, twice that on a busy machine)
 DOWN_BOUND_S = 60  # deploy returned or last answer -> replica gone -> node removed (about 10-13 s)
 DRIVER_TIMEOUT_S = 300  # every wait of the driver is bounded by UP_BOUND_S or DOWN_BOUND_S; this bounds the sum
-# The variant's autoscaling policy. quantserve's `work` policy, as it stands, takes a deploy's initial replica away
-# while it is still STARTING (it wants 0 when nothing runs and nothing waits, where Ray's own policy keeps the target
-# while no replica runs): here the replica waits ~7 s for its node, longer than downscale_to_zero_delay_s, so the
-# deploy returned without the variant ever loading. Ray's request policy keeps the target until a replica runs; once
-# the work policy does too (it holds the target while no replica runs), this is "work", and the test passes as is.
-POLICY = "requests"
+# quantserve's work policy. While no replica runs it holds the target (a deploy's initial replica waits ~6 s for its
+# node here, longer than downscale_to_zero_delay_s: wanting 0 meanwhile stopped it before it ever loaded).
+POLICY = "work"
 ADD = f":event_summary:Adding 1 node(s) of type {GPU_NODE_TYPE}."
 REMOVE = f":event_summary:Removing 1 nodes of type {GPU_NODE_TYPE} (idle)."
 
