@@ -3,15 +3,17 @@ policy and the work policy side by side, on one local Ray instance started by th
 
     python benchmarks/autoscaling.py --out benchmarks/autoscaling.md --png benchmarks/autoscaling_ramp.png
     python benchmarks/autoscaling.py --only ramp --model flux        # the ramp on the tiny FLUX pipeline
+    python benchmarks/autoscaling.py --only zero                     # a request to a variant at zero replicas
 
 Ramp: one variant (policy work, min 1, max --ramp-max-replicas, default 3) under clients `--schedule` (default 0:1,15:4,55:1 for 80 s); each
 request is --ramp-job. Reported: the time from the load step to Serve deciding on a second replica and to that replica
 serving, p95 latency and queue wait during the scale-up, requests sent and answered, the replicas over time.
 
-Side by side: two applications at once, one per policy (requests: target_ongoing_requests 1; work: target_wait_s),
-each with variants 'big' and 'small' of the same model; --clients clients on each variant of each app for
---seconds. Reported per policy and variant: p95 queue wait (the replica's own wait, from Server-Timing), replica-
-seconds (replicas Serve started or ran, integrated each second), peak replicas, requests answered.
+Side by side: one application per policy (requests: --target-ongoing; work: --target-wait), one after the other so
+that each has the machine to itself, each with variants 'big' and 'small' of the same model; --big-clients send big
+jobs (n=4, 60 steps) and --small-clients tiny ones for --seconds. Reported per policy and variant: p95 queue wait (the
+replica's own wait, from Server-Timing), replica-seconds (replicas Serve started or ran, integrated over time), peak
+replicas, requests answered.
 """
 
 import argparse
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 BIG = {"prompt": "8", "size": "64x64", "steps": 60, "n": 2}
 SMALL = {"prompt": "1", "size": "16x16", "steps": 2, "n": 1}
+SBS_BIG = {"prompt": "8", "size": "64x64", "steps": 60, "n": 4}  # a batch of its own (max_batch_images 4)
 
 
 def free_port() -> int:
@@ -45,11 +48,12 @@ def p95(values: list[float]) -> float | None:
     return statistics.quantiles(values, n=20)[-1] if len(values) >= 2 else (values[0] if values else None)
 
 
-def variant(name: str, model: dict[str, Any], policy: str, target_wait_s: float, max_replicas: int) -> dict[str, Any]:
+def variant(name: str, model: dict[str, Any], policy: str, target_wait_s: float, max_replicas: int,
+            target_ongoing: float = 1) -> dict[str, Any]:
     return {"name": name, **model, "gemm_sample_every": 0, "max_ongoing_requests": 4,
             "resources": {"num_cpus": 0, "torch_threads": 1}, "batching": {"max_batch_images": 4},
             "autoscaling": {"policy": policy, "min_replicas": 1, "max_replicas": max_replicas, "upscale_delay_s": 0,
-                            "downscale_delay_s": 10, "look_back_period_s": 3, "target_ongoing_requests": 1,
+                            "downscale_delay_s": 10, "look_back_period_s": 3, "target_ongoing_requests": target_ongoing,
                             "target_wait_s": target_wait_s}}
 
 
@@ -182,57 +186,111 @@ def ramp(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
             "png": render_png(rows, title=f"ramp {args.schedule}, {args.model}, work policy")}
 
 
+def replica_seconds(samples: list[tuple[float, dict[str, int], dict[str, int]]], name: str) -> float:
+    """Replicas Serve started or ran, integrated over the samples' times."""
+    return sum(w.get(name, 0) * (t1 - t0) for (t0, w, _), (t1, _, _) in zip(samples, samples[1:]))
+
+
 def side_by_side(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The same workload on one app per policy, one after the other: each has the machine to itself (run at once,
+    the two apps' replicas would share two cores and the comparison would measure that)."""
     from tqdm import tqdm
 
     from quantserve.serve.config import parse_config
-    from quantserve.serve.deploy import submit, wait_running
+    from quantserve.serve.deploy import deploy
     from ray import serve
 
     fields, _ = model_fields("digits")
-    policies = ("requests", "work")
-    for policy in policies:
-        submit(parse_config({"app_name": f"bench-{policy}",
-                             "variants": [variant(v, fields, policy, args.target_wait, args.max_replicas)
-                                          for v in ("big", "small")],
+    out: dict[str, Any] = {}
+    for policy in ("requests", "work"):
+        app = f"bench-{policy}"
+        deploy(parse_config({"app_name": app,
+                             "variants": [variant(v, fields, policy, args.target_wait, args.max_replicas,
+                                                  target_ongoing=args.target_ongoing) for v in ("big", "small")],
                              "experiment": {"weights": {"big": 1, "small": 1}}, "request_timeout_s": 180,
                              "http": {"host": "127.0.0.1", "port": port},
                              "limits": {"max_steps": 200, "max_n": 4, "max_size": 128}}),
-               route_prefix=f"/{policy}")
-    for policy in policies:
-        wait_running(f"bench-{policy}", 600)
-    watchers = {p: Watcher(f"bench-{p}") for p in policies}
-    t0 = time.monotonic()
-    results: dict[str, list[dict[str, Any]]] = {}
-    threads = []
-    for policy in policies:
-        plan = [(0.0, args.seconds, {**BIG, "model": "big"})] * args.clients + \
-               [(0.0, args.seconds, {**SMALL, "model": "small"})] * args.clients
-        threads.append(threading.Thread(target=lambda p=policy, pl=plan: results.__setitem__(
-            p, drive(f"{base}/{p}", pl, t0)), daemon=True))
-    for t in threads:
-        t.start()
-    with tqdm(total=int(args.seconds), desc="requests vs work", unit="s") as bar:
-        while any(t.is_alive() for t in threads):
-            time.sleep(1)
-            bar.n = min(int(time.monotonic() - t0), int(args.seconds))
-            bar.refresh()
-    out: dict[str, Any] = {}
-    for policy in policies:
-        watchers[policy].close()
-        serve.delete(f"bench-{policy}")
-        samples = watchers[policy].samples
+               timeout_s=600, route_prefix=f"/{policy}")
+        drive(f"{base}/{policy}", [(0.0, 0.1, {**SBS_BIG, "model": "big"}), (0.0, 0.1, {**SMALL, "model": "small"})],
+              time.monotonic())  # one of each first: every replica has measured its rate before the clock starts
+        watcher = Watcher(app)
+        t0 = watcher.t0
+        plan = [(0.0, args.seconds, {**SBS_BIG, "model": "big"})] * args.big_clients + \
+               [(0.0, args.seconds, {**SMALL, "model": "small"})] * args.small_clients
+        results: list[dict[str, Any]] = []
+        runner = threading.Thread(target=lambda: results.extend(drive(f"{base}/{policy}", plan, t0)), daemon=True)
+        runner.start()
+        with tqdm(total=int(args.seconds), desc=f"{policy} policy", unit="s") as bar:
+            while runner.is_alive():
+                time.sleep(1)
+                bar.n = min(int(time.monotonic() - t0), int(args.seconds))
+                bar.refresh()
+        watcher.close()
+        serve.delete(app)
         per: dict[str, Any] = {}
         for v in ("big", "small"):
-            mine = [r for r in results[policy] if r["label"] == v]
+            mine = [r for r in results if r["label"] == v]
             queues = [r["queue_ms"] / 1000 for r in mine if r["status"] == 200 and r["queue_ms"] is not None]
             per[v] = {"answered_200": sum(r["status"] == 200 for r in mine), "sent": len(mine),
                       "p95_queue_wait_s": p95(queues),
                       "p95_latency_s": p95([r["latency_s"] for r in mine if r["status"] == 200]),
-                      "replica_seconds": sum(w.get(v, 0) for _, w, _ in samples),  # 1 s samples
-                      "peak_replicas": max((w.get(v, 0) for _, w, _ in samples), default=0)}
+                      "replica_seconds": round(replica_seconds(watcher.samples, v)),
+                      "peak_replicas": max((w.get(v, 0) for _, w, _ in watcher.samples), default=0)}
         out[policy] = per
     return out
+
+
+def from_zero(port: int, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A variant at zero replicas (min 0), one request, --zero-runs times: when Serve decides on a replica, when its
+    process starts, when its constructor ends (with the replica's own cold-start phases), when Serve marks it
+    RUNNING and when the request is answered, each in seconds after the request was sent."""
+    import psutil
+    import requests
+
+    from quantserve.serve.config import parse_config
+    from quantserve.serve.deploy import deploy, replica_counts
+    from ray import serve
+
+    fields, _ = model_fields("digits")
+    app = "bench-zero"
+    zero = variant("v", fields, "work", args.target_wait, 1)
+    zero["autoscaling"].update(min_replicas=0, downscale_delay_s=1, downscale_to_zero_delay_s=1, look_back_period_s=2)
+    deploy(parse_config({"app_name": app, "variants": [zero], "http": {"host": "127.0.0.1", "port": port},
+                         "request_timeout_s": 180}), timeout_s=600, route_prefix="/zero")
+    runs = []
+    for _ in range(args.zero_runs):
+        deadline = time.monotonic() + 120
+        while replica_counts(app)["v"]["wanted"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        marks: dict[str, float] = {}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                counts, now = replica_counts(app)["v"], time.time()
+                if counts["wanted"]:
+                    marks.setdefault("decided", now)
+                if counts["running"]:
+                    marks.setdefault("running", now)
+                time.sleep(0.05)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        sent = time.time()
+        r = requests.post(f"{base}/zero/v1/images/generations", json={"prompt": "2", "size": "16x16", "steps": 2},
+                          timeout=150)
+        answered = time.time()
+        stop.set()
+        watcher.join()
+        [model] = requests.get(f"{base}/zero/v1/models", timeout=30).json()["data"]
+        runs.append({"status": r.status_code, "answered_s": round(answered - sent, 2),
+                     "decided_s": round(marks.get("decided", answered) - sent, 2),
+                     "process_started_s": round(psutil.Process(model["pid"]).create_time() - sent, 2),
+                     "constructor_done_s": round(model["started"] - sent, 2),
+                     "running_s": round(marks.get("running", answered) - sent, 2),
+                     "replica_start_phases_s": model["cold_start_s"]})
+    serve.delete(app)
+    return {"runs": runs}
 
 
 def markdown(res: dict[str, Any], command: str, machine: str, png_name: str | None) -> str:
@@ -256,16 +314,28 @@ def markdown(res: dict[str, Any], command: str, machine: str, png_name: str | No
         lines += ["Timeline (every interval):", "", "```", r["csv"].strip(), "```", ""]
     if "side_by_side" in res:
         s = res["side_by_side"]
-        lines += [f"### The same mixed workload, request policy vs work policy, side by side "
-                  f"(target_wait_s {res['target_wait_s']}, max {res['max_replicas']} replicas)", "",
-                  f"{res['clients']} clients on each variant of each app for {res['seconds']:g} s: big = {BIG}, "
-                  f"small = {SMALL}.", "",
+        lines += [f"### The same mixed workload, request policy vs work policy, one after the other "
+                  f"(target_ongoing_requests {res['target_ongoing']}, target_wait_s {res['target_wait_s']}, "
+                  f"max {res['max_replicas']} replicas)", "",
+                  f"Each policy's app has the machine to itself for {res['seconds']:g} s: {res['big_clients']} clients "
+                  f"send big = {SBS_BIG} and {res['small_clients']} send small = {SMALL}, back to back.", "",
                   "| policy | variant | answered / sent | p95 queue wait s | p95 latency s | replica-seconds | peak replicas |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for policy, per in s.items():
             for v, f in per.items():
                 lines.append(f"| {policy} | {v} | {f['answered_200']} / {f['sent']} | {fmt(f['p95_queue_wait_s'])} | "
                              f"{fmt(f['p95_latency_s'])} | {f['replica_seconds']} | {f['peak_replicas']} |")
+        lines.append("")
+    if "zero" in res:
+        lines += ["### A request to a variant at zero replicas (digits, nf4, min 0)", "",
+                  "Seconds after the request was sent; the replica's own phases from /v1/models (cold_start_s).", "",
+                  "| run | status | Serve decides | process starts | constructor done | RUNNING | answered | "
+                  "replica: process / imports / load / total |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for i, z in enumerate(res["zero"]["runs"]):
+            ph = z["replica_start_phases_s"]
+            lines.append(f"| {i} | {z['status']} | {z['decided_s']} | {z['process_started_s']} | "
+                         f"{z['constructor_done_s']} | {z['running_s']} | {z['answered_s']} | {ph.get('process')} / "
+                         f"{ph.get('imports')} / {ph.get('load')} / {ph.get('total')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -276,13 +346,17 @@ def fmt(x: float | None, unit: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("ramp", "side-by-side"), help="run one part (default: both)")
+    parser.add_argument("--only", choices=("ramp", "side-by-side", "zero"), help="run one part (default: all)")
+    parser.add_argument("--zero-runs", type=int, default=3, help="zero: requests to a variant at zero (default 3)")
     parser.add_argument("--model", choices=("digits", "flux"), default="digits", help="the ramp's model")
     parser.add_argument("--schedule", default="0:1,15:4,55:1", help="the ramp's clients over time (T:CLIENTS,...)")
     parser.add_argument("--duration", type=float, default=80.0, help="the ramp's length in seconds (default 80)")
     parser.add_argument("--interval", type=float, default=5.0, help="timeline rows every this many seconds")
     parser.add_argument("--target-wait", type=float, default=3.0, help="the work policy's target_wait_s (default 3)")
-    parser.add_argument("--clients", type=int, default=2, help="side by side: clients per variant (default 2)")
+    parser.add_argument("--big-clients", type=int, default=2, help="side by side: clients sending big jobs (default 2)")
+    parser.add_argument("--small-clients", type=int, default=4, help="side by side: clients sending small jobs (default 4)")
+    parser.add_argument("--target-ongoing", type=float, default=2.0,
+                        help="side by side: the request policy's target_ongoing_requests (default 2)")
     parser.add_argument("--seconds", type=float, default=60.0, help="side by side: load seconds (default 60)")
     parser.add_argument("--max-replicas", type=int, default=2, help="side by side: max replicas per variant")
     parser.add_argument("--ramp-max-replicas", type=int, default=3, help="ramp: the variant's max replicas (default 3)")
@@ -301,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     with guarded_proxy(LimitsConfig()):  # also sets the 1 s autoscaling-metric push intervals, as `quantserve serve`
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve")
     res: dict[str, Any] = {"target_wait_s": args.target_wait, "max_replicas": args.max_replicas,
-                           "clients": args.clients, "seconds": args.seconds}
+                           "big_clients": args.big_clients, "small_clients": args.small_clients,
+                           "target_ongoing": args.target_ongoing, "seconds": args.seconds}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         if args.only in (None, "ramp"):
             res["ramp"] = ramp(port, base, args)
+        if args.only in (None, "zero"):
+            res["zero"] = from_zero(port, base, args)
         if args.only in (None, "side-by-side"):
             res["side_by_side"] = side_by_side(port, base, args)
     finally:
