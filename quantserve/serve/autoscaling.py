@@ -41,11 +41,13 @@ _private/autoscaling_state.py, _private/replica.py)
   its autoscaling metrics; the first result must be a dict of numbers, else Ray disables custom metrics for that
   replica. The values travel with the replica's "running_requests" series to the controller, which averages each
   over look_back_period_s (config.aggregation_function: mean by default) and hands them to the policy as
-  `ctx.aggregated_metrics[name][replica_id]`. A replica records a point every look_back_period_s x 0.2 (at most
-  metrics_interval_s) and pushes every RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S (env, default 10 s),
-  so a replica that just started is absent from every metric for up to that long (measured here: ~10 s), and the
-  policy reacts that much later to what replicas report; the handles push their queued counts on their own
-  interval (RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S). Ray's own per-replica "running_requests" is in
+  `ctx.aggregated_metrics[name][replica_id]`, and their raw series as `ctx.raw_metrics`. A replica records a point
+  every look_back_period_s x RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR (0.2; quantserve sets 0.05), at
+  most metrics_interval_s, and pushes every autoscaling_config.metrics_interval_s: Ray 2.60 reads the deprecated
+  config field (default 10 s) and ignores the RAY_SERVE_{REPLICA,HANDLE}_AUTOSCALING_METRIC_PUSH_INTERVAL_S
+  variables meant to replace it; quantserve's config sets 1 s. So a replica that just started is absent from every
+  metric for up to that long, and the handles push their queued counts on the same interval. With the 10 s
+  default a load step reached the policy 5 to 8 s late here. Ray's own per-replica "running_requests" is in
   the same report only when replicas collect it (RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE=0); by default
   the handles count running requests and it is absent.
 * Ray wraps **every** custom policy (`_apply_autoscaling_config`, applied in DeploymentAutoscalingState.register):
@@ -328,7 +330,7 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
 
     At zero replicas with requests waiting it asks for at least one (Ray's cold-start path usually answers that
     before calling the policy). A running replica with no report yet (Ray pushes replica metrics every
-    RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default) keeps the count from going below what
+    autoscaling_config.metrics_interval_s, 1 s in quantserve's config) keeps the count from going below what
     runs, and the requests Ray counts that no report explains are charged to it at the last known seconds per
     request; when no replica has reported at all, the current target is held unless those counts ask for more. The delays are Ray's (module docstring).
     Returns (replicas, policy_state) with this policy's own entry under STATE_KEY; Ray merges its keys back."""
