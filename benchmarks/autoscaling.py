@@ -13,7 +13,8 @@ Side by side: one application per policy (requests: --target-ongoing; work: --ta
 that each has the machine to itself, each with variants 'big' and 'small' of the same model; --big-clients send big
 jobs (n=4, 60 steps) and --small-clients tiny ones for --seconds. Reported per policy and variant: p95 queue wait (the
 replica's own wait, from Server-Timing), replica-seconds (replicas Serve started or ran, integrated over time), peak
-replicas, requests answered.
+replicas, requests answered. The p95 wait is everything before a request's generation starts: at Serve's handle
+for a replica with room (--big-max-ongoing 1 moves big's queue there) and in the replica's queue for a batch.
 """
 
 import argparse
@@ -49,8 +50,8 @@ def p95(values: list[float]) -> float | None:
 
 
 def variant(name: str, model: dict[str, Any], policy: str, target_wait_s: float, max_replicas: int,
-            target_ongoing: float = 1) -> dict[str, Any]:
-    return {"name": name, **model, "gemm_sample_every": 0, "max_ongoing_requests": 4,
+            target_ongoing: float = 1, max_ongoing: int = 4) -> dict[str, Any]:
+    return {"name": name, **model, "gemm_sample_every": 0, "max_ongoing_requests": max_ongoing,
             "resources": {"num_cpus": 0, "torch_threads": 1}, "batching": {"max_batch_images": 4},
             "autoscaling": {"policy": policy, "min_replicas": 1, "max_replicas": max_replicas, "upscale_delay_s": 0,
                             "downscale_delay_s": 10, "look_back_period_s": 3, "target_ongoing_requests": target_ongoing,
@@ -111,10 +112,14 @@ def drive(url: str, plan: list[tuple[float, float, dict[str, Any]]], t0: float) 
                 sent = time.monotonic() - t0
                 try:
                     r = session.post(f"{url}/v1/images/generations", json=body, timeout=180)
+                    timing = parse_server_timing(r.headers.get("Server-Timing"))
+                    # the wait before its generation starts, wherever it waited: at Serve's handle for a replica
+                    # that admits it (part of hop-replica) and in the replica's queue for a batch
                     row = {"status": r.status_code, "variant": r.headers.get("X-Quantserve-Variant"),
-                           "queue_ms": parse_server_timing(r.headers.get("Server-Timing")).get("queue")}
+                           "queue_ms": timing.get("queue"),
+                           "wait_ms": (timing["queue"] + timing.get("hop-replica", 0.0)) if "queue" in timing else None}
                 except Exception as exc:  # noqa: BLE001 - counted as lost
-                    row = {"status": f"error:{type(exc).__name__}", "variant": None, "queue_ms": None}
+                    row = {"status": f"error:{type(exc).__name__}", "variant": None, "queue_ms": None, "wait_ms": None}
                 done = time.monotonic() - t0
                 with lock:
                     results.append({**row, "sent_s": sent, "done_s": done, "latency_s": done - sent,
@@ -206,7 +211,9 @@ def side_by_side(port: int, base: str, args: argparse.Namespace) -> dict[str, An
         app = f"bench-{policy}"
         deploy(parse_config({"app_name": app,
                              "variants": [variant(v, fields, policy, args.target_wait, args.max_replicas,
-                                                  target_ongoing=args.target_ongoing) for v in ("big", "small")],
+                                                  target_ongoing=args.target_ongoing,
+                                                  max_ongoing=args.big_max_ongoing if v == "big" else 4)
+                                          for v in ("big", "small")],
                              "experiment": {"weights": {"big": 1, "small": 1}}, "request_timeout_s": 180,
                              "http": {"host": "127.0.0.1", "port": port},
                              "limits": {"max_steps": 200, "max_n": 4, "max_size": 128}}),
@@ -231,8 +238,11 @@ def side_by_side(port: int, base: str, args: argparse.Namespace) -> dict[str, An
         for v in ("big", "small"):
             mine = [r for r in results if r["label"] == v]
             queues = [r["queue_ms"] / 1000 for r in mine if r["status"] == 200 and r["queue_ms"] is not None]
+            waits = [r["wait_ms"] / 1000 for r in mine if r["status"] == 200 and r["wait_ms"] is not None]
+            settled = [r["wait_ms"] / 1000 for r in mine if r["status"] == 200 and r["wait_ms"] is not None
+                       and r["sent_s"] >= args.settle_s]
             per[v] = {"answered_200": sum(r["status"] == 200 for r in mine), "sent": len(mine),
-                      "p95_queue_wait_s": p95(queues),
+                      "p95_queue_wait_s": p95(queues), "p95_wait_s": p95(waits), "p95_wait_settled_s": p95(settled),
                       "p95_latency_s": p95([r["latency_s"] for r in mine if r["status"] == 200]),
                       "replica_seconds": round(replica_seconds(watcher.samples, v)),
                       "peak_replicas": max((w.get(v, 0) for _, w, _ in watcher.samples), default=0)}
@@ -318,12 +328,19 @@ def markdown(res: dict[str, Any], command: str, machine: str, png_name: str | No
                   f"(target_ongoing_requests {res['target_ongoing']}, target_wait_s {res['target_wait_s']}, "
                   f"max {res['max_replicas']} replicas)", "",
                   f"Each policy's app has the machine to itself for {res['seconds']:g} s: {res['big_clients']} clients "
-                  f"send big = {SBS_BIG} and {res['small_clients']} send small = {SMALL}, back to back.", "",
-                  "| policy | variant | answered / sent | p95 queue wait s | p95 latency s | replica-seconds | peak replicas |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  f"send big = {SBS_BIG} and {res['small_clients']} send small = {SMALL}, back to back; big's "
+                  f"max_ongoing_requests {res['big_max_ongoing']}.", "",
+                  "p95 wait: before its generation started, at Serve's handle and in the replica's queue "
+                  "(Server-Timing hop-replica + queue); then the same for the requests sent after the first "
+                  f"{res['settle_s']:g} s (both apps start at one replica per variant: the scale-up is in the first), "
+                  "and the replica's queue alone.", "",
+                  "| policy | variant | answered / sent | p95 wait s | after the first "
+                  f"{res['settle_s']:g} s | in the replica's queue s | p95 latency s | replica-seconds | peak replicas |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for policy, per in s.items():
             for v, f in per.items():
-                lines.append(f"| {policy} | {v} | {f['answered_200']} / {f['sent']} | {fmt(f['p95_queue_wait_s'])} | "
+                lines.append(f"| {policy} | {v} | {f['answered_200']} / {f['sent']} | {fmt(f['p95_wait_s'])} | "
+                             f"{fmt(f['p95_wait_settled_s'])} | {fmt(f['p95_queue_wait_s'])} | "
                              f"{fmt(f['p95_latency_s'])} | {f['replica_seconds']} | {f['peak_replicas']} |")
         lines.append("")
     if "zero" in res:
@@ -355,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-wait", type=float, default=3.0, help="the work policy's target_wait_s (default 3)")
     parser.add_argument("--big-clients", type=int, default=2, help="side by side: clients sending big jobs (default 2)")
     parser.add_argument("--small-clients", type=int, default=4, help="side by side: clients sending small jobs (default 4)")
+    parser.add_argument("--big-max-ongoing", type=int, default=4,
+                        help="side by side: the big variant's max_ongoing_requests (default 4; 1 keeps Serve's router "
+                             "from stacking big jobs on one replica)")
+    parser.add_argument("--settle-s", type=float, default=15.0,
+                        help="side by side: a second p95 wait over the requests sent after this many seconds")
     parser.add_argument("--target-ongoing", type=float, default=2.0,
                         help="side by side: the request policy's target_ongoing_requests (default 2)")
     parser.add_argument("--seconds", type=float, default=60.0, help="side by side: load seconds (default 60)")
@@ -376,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve")
     res: dict[str, Any] = {"target_wait_s": args.target_wait, "max_replicas": args.max_replicas,
                            "big_clients": args.big_clients, "small_clients": args.small_clients,
-                           "target_ongoing": args.target_ongoing, "seconds": args.seconds}
+                           "target_ongoing": args.target_ongoing, "big_max_ongoing": args.big_max_ongoing,
+                           "settle_s": args.settle_s,
+                           "seconds": args.seconds}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
