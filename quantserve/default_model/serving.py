@@ -50,7 +50,13 @@ class ServedDigits(ServedPipeline):
     def __init__(self, pipe: Any, limits: ResolvedLimits):
         self.pipe, self.limits = pipe, limits
         self.report = pipe.transformer.quantserve_report
+        self.own_phases: dict[str, float] = {}  # the family's load around the transformer's: imports, scheduler
         self.modules = [pipe.transformer]
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """The transformer's load phases, with the imports and the scheduler the family loaded around it."""
+        return merge_phases(self.own_phases, self.report.phases)
 
     def normalize(self, job: Mapping[str, Any]) -> dict[str, Any]:
         from .prompts import parse_prompts
@@ -162,7 +168,5 @@ class DigitsFamily(PipelineFamily):
         mark = time.perf_counter()
         scheduler = DDIMScheduler.from_pretrained(source.path / "scheduler")
         served = ServedDigits(DigitsPipeline(transformer, scheduler, dtype=dtype), limits)
-        # the cold-start phases (runtime/phases.py): the transformer's load, and the imports and scheduler around it
-        served.report.phases = merge_phases({"imports": imports}, served.report.phases or {},
-                                            {"components": time.perf_counter() - mark})
+        served.own_phases = {"imports": imports, "components": time.perf_counter() - mark}
         return served

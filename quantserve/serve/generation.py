@@ -61,7 +61,7 @@ class LoadedVariant:
     def phases(self) -> dict[str, float]:
         """Seconds per phase of the load (read, unpack or quantize, to_device, build, ...: runtime/phases.py),
         summing to about the load's seconds."""
-        return dict(getattr(self.report, "phases", None) or {})
+        return self.engine.phases
 
     @property
     def backend(self) -> str:

@@ -188,6 +188,12 @@ class ServedPipeline(ABC):
         """component -> its quantization_config as a dict (None: not quantized)."""
         return {}
 
+    @property
+    def phases(self) -> dict[str, float]:
+        """Exclusive seconds per load phase (runtime/phases.py: imports, skeleton, read, ...), summing to about the
+        whole load: the report's (a PipelineReport counts its imports and components too)."""
+        return dict(getattr(self.report, "phases", None) or {})
+
     def info(self) -> dict[str, Any]:
         """What GET /v1/models adds for this family (request fields, defaults, size rule)."""
         return {}

@@ -167,4 +167,6 @@ def test_the_digits_family_reports_its_imports_as_a_load_phase():
     loaded = load_variant(VariantConfig.model_validate({"name": "v", "quantization": "nf4"}))
     phases = loaded.phases
     assert list(phases)[0] == "imports" and "components" in phases and phases["quantize"] > 0
+    # the transformer's own report keeps its own load's phases only
+    assert "imports" not in loaded.report.phases and "components" not in loaded.report.phases
     assert all(seconds >= 0 for seconds in phases.values())
