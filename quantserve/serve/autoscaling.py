@@ -347,17 +347,17 @@ def work_aware_policy(ctx: Any, target_wait_s: float = DEFAULT_TARGET_WAIT_S,
         now = estimate_work(ctx, target_wait_s, default_job_s, metrics=newest)
         if now.desired > desired:
             est, desired, reason = now, now.desired, "work (newest figures)"
-    if ctx.current_num_replicas > 0 and est.reporting == 0 and est.estimated == 0:
-        # Nobody has reported yet (a fresh deployment, replicas just started, a restarted controller): keep the
-        # target (a scale-up under way goes on), and go above it only on what Ray's own counts show.
+    if est.reporting == 0 and est.estimated == 0:
+        # No running replica has reported: a fresh deployment, replicas just started, a restarted controller, or none
+        # running yet (a deploy's initial replica, a cold start: a start that waits for a node may outlast
+        # downscale_to_zero_delay_s, and wanting 0 meanwhile would stop it before it ever loads). Keep the target, as
+        # Ray's own policy does (a scale-up under way goes on), and go above it only on what Ray's counts show.
         lo, hi = int(ctx.capacity_adjusted_min_replicas), int(ctx.capacity_adjusted_max_replicas)
-        desired, reason = max(desired, max(lo, min(hi, int(ctx.target_num_replicas)))), "no replica metrics yet"
-    elif ctx.current_num_replicas == 0 and int(ctx.target_num_replicas) > desired:
-        # Replicas asked for (a deploy's initial one, a cold start) and none running yet: keep the target until one
-        # runs, as Ray's default policy does. Else a start slower than downscale_to_zero_delay_s (a node to be added
-        # first) is stopped before it ever loads, and the deploy returns without having loaded the variant.
-        hi = int(ctx.capacity_adjusted_max_replicas)
-        desired, reason = max(desired, min(hi, int(ctx.target_num_replicas))), "replicas starting, none running yet"
+        held = max(lo, min(hi, int(ctx.target_num_replicas)))
+        if ctx.current_num_replicas > 0:
+            desired, reason = max(desired, held), "no replica metrics yet"
+        elif held > desired:
+            desired, reason = held, "replicas starting, none running yet"
     state = {"job_s": est.job_s if est.reporting else previous.get("job_s", default_job_s), "work_s": est.work_s,
              "jobs": est.jobs, "desired": desired, "reporting": est.reporting, "estimated": est.estimated,
              "silent": est.silent, "reason": reason}
