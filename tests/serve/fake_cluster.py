@@ -45,16 +45,12 @@ from typing import Any
 
 import psutil
 
+from .helpers import free_port
+
 HEAD_NODE_TYPE = "ray.head.default"  # the provider's name for the head's node type (FAKE_HEAD_NODE_TYPE)
 GPU_NODE_TYPE = "fake_gpu_node"
 GPU_RESOURCE = "fake_gpu"
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # each node's object store (Ray's default would reserve 30% of the RAM)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_bin() -> str:
